@@ -1,0 +1,1 @@
+"""Config composition (Hydra), resolvers and start-up validation."""

@@ -1,0 +1,89 @@
+"""Command-line entry shared by `hcpdiff_like.train` and the other Hydra programs.
+
+`cfg=<name>` picks a shipped experiment config from `cfgs/train/` (a Hydra group whose files are
+`# @package _global_`); `cfg=<path.yaml>` picks the user's own file anywhere on disk. For the path
+form we build a small overlay config tree in which the user's folder shadows the shipped `train/`
+group, so a user's copy of `lora_anime_character.yaml` wins over the shipped file of that name while
+every shipped group (`override /model: ...`) stays reachable.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Callable, Optional
+
+from .resolvers import register_resolvers, share_launch_time
+
+CFG_PACKAGE = "hcpdiff_like.cfgs"
+
+
+def shipped_cfg_dir() -> Path:
+    """Folder of the shipped configs (works from a checkout and after a non-editable install)."""
+    from importlib.resources import files
+
+    return Path(str(files(CFG_PACKAGE)))
+
+
+def _is_path_like(value: str) -> bool:
+    return value.endswith((".yaml", ".yml")) or os.sep in value or value.startswith((".", "~"))
+
+
+def _build_overlay(user_file: Path) -> Path:
+    """A config tree = shipped configs + the user's folder merged into `train/` (user wins)."""
+    digest = hashlib.sha1(f"{user_file}-{os.getpid()}".encode()).hexdigest()[:10]
+    overlay = Path(tempfile.gettempdir()) / f"hcpdiff_like-cfg-{digest}"
+    if overlay.exists():
+        shutil.rmtree(overlay)
+    shutil.copytree(shipped_cfg_dir(), overlay, ignore=shutil.ignore_patterns("__pycache__", "*.py"))
+    for sibling in user_file.parent.iterdir():
+        if sibling.suffix in (".yaml", ".yml") and sibling.is_file():
+            shutil.copyfile(sibling, overlay / "train" / (sibling.stem + ".yaml"))
+    return overlay
+
+
+def translate_argv(argv: list[str]) -> tuple[list[str], Optional[Path]]:
+    """Rewrite `cfg=X` into Hydra's `train=X`; return the new argv and an overlay dir if X is a path."""
+    new_argv, overlay = [], None
+    for arg in argv:
+        if arg.startswith("cfg="):
+            value = arg[len("cfg="):]
+            if _is_path_like(value):
+                user_file = Path(os.path.expanduser(value)).resolve()
+                if user_file.suffix not in (".yaml", ".yml"):
+                    user_file = user_file.with_suffix(".yaml")
+                if not user_file.is_file():
+                    raise SystemExit(f"cfg={value}: config file {user_file} does not exist")
+                overlay = _build_overlay(user_file)
+                value = user_file.stem
+            elif not (shipped_cfg_dir() / "train" / f"{value}.yaml").exists():
+                names = sorted(p.relative_to(shipped_cfg_dir() / "train").with_suffix("").as_posix()
+                               for p in (shipped_cfg_dir() / "train").rglob("*.yaml"))
+                raise SystemExit(f"cfg={value}: no shipped experiment config of that name. "
+                                 f"Shipped: {', '.join(names)}; or pass a path to your own .yaml")
+            arg = f"train={value}"
+        new_argv.append(arg)
+    return new_argv, overlay
+
+
+def run_hydra(task: Callable, config_name: str = "base", argv: Optional[list[str]] = None) -> None:
+    """Run `task(cfg)` under Hydra (single run or `-m` multirun) with our `cfg=` handling."""
+    import hydra
+
+    register_resolvers()
+    share_launch_time()
+    args = list(sys.argv[1:] if argv is None else argv)
+    args, overlay = translate_argv(args)
+    config_path = str(overlay) if overlay else f"pkg://{CFG_PACKAGE}"
+    if not any(a.startswith("hydra/job_logging=") for a in args):
+        args = ["hydra/job_logging=none", "hydra/hydra_logging=none"] + args
+    sys.argv = [sys.argv[0]] + args
+    main = hydra.main(config_path=config_path, config_name=config_name, version_base=None)(task)
+    try:
+        main()
+    finally:
+        if overlay is not None:
+            shutil.rmtree(overlay, ignore_errors=True)

@@ -1,0 +1,55 @@
+"""Start-up checks: unknown keys (typos) and missing required values, before any model loads.
+
+Top-level keys are free (experiment files define their own variables such as `character_name`);
+the sections below have a fixed set of keys, so `train.trian_steps` in a YAML file is caught here
+(Hydra already rejects unknown keys given on the command line).
+"""
+from __future__ import annotations
+
+import difflib
+
+from omegaconf import DictConfig, OmegaConf
+
+KNOWN_KEYS: dict[str, set[str]] = {
+    "train": {"train_steps", "save_step", "lr", "text_encoder_lr", "emb_lr", "gradient_accumulation_steps",
+              "max_grad_norm", "scale_lr", "workers", "save_state", "resume", "keep_last_n", "on_nonfinite",
+              "validation_every", "sample_every", "ema", "log_step"},
+    "model": {"pretrained_model_name_or_path", "family", "revision", "clip_skip", "clip_final_norm",
+              "tokenizer_repeats", "gradient_checkpointing", "vae_dtype", "single_file_config", "attention",
+              "full_bf16", "cache_text_embeddings", "channels_last", "compile"},
+    "objective": {"prediction_type", "loss_type", "huber_c", "min_snr_gamma", "noise_offset",
+                  "adaptive_noise_scale", "pyramid_noise_iterations", "pyramid_noise_discount",
+                  "zero_terminal_snr", "timestep_sampling", "logit_mean", "logit_std", "min_timestep",
+                  "max_timestep"},
+    "plugin": {"rank", "alpha", "dropout", "type", "lora_unet", "lora_text_encoder", "finetune_unet",
+               "finetune_text_encoder", "embeddings"},
+}
+
+TOP_LEVEL_REQUIRED = ("train", "model", "data", "optimizer", "scheduler")
+
+
+class ConfigError(ValueError):
+    """A config problem; the message names the key."""
+
+
+def _suggest(key: str, known: set[str]) -> str:
+    close = difflib.get_close_matches(key, sorted(known), n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def validate_config(cfg: DictConfig) -> None:
+    for section in TOP_LEVEL_REQUIRED:
+        if cfg.get(section) is None:
+            raise ConfigError(f"config section '{section}' is missing")
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ConfigError("required config value(s) not set: " + ", ".join(missing)
+                          + " (set them in your config or on the command line, e.g. "
+                          + f"{missing[0]}=...)")
+    for section, known in KNOWN_KEYS.items():
+        node = cfg.get(section)
+        if node is None:
+            continue
+        for key in node.keys():
+            if key not in known:
+                raise ConfigError(f"unknown config key '{section}.{key}'{_suggest(key, known)}")

@@ -1,0 +1,41 @@
+"""Train entry point.
+
+    accelerate launch -m hcpdiff_like.train cfg=<name or path.yaml> key=value ...
+    accelerate launch -m hcpdiff_like.train -m cfg=demo train.lr=1e-4,2e-4     # Hydra multirun sweep
+"""
+from __future__ import annotations
+
+import os
+
+from omegaconf import DictConfig
+
+
+def run_training(cfg: DictConfig) -> dict:
+    """Validate, then set up and run one training job; returns its loss summary."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from .config.validation import validate_config
+    from .training.trainer import Trainer
+
+    exp_dir = cfg.get("exp_dir")
+    if HydraConfig.initialized():
+        exp_dir = HydraConfig.get().runtime.output_dir
+    validate_config(cfg)
+    trainer = Trainer(cfg, exp_dir=exp_dir).setup()
+    try:
+        return trainer.train()
+    finally:
+        trainer.cleanup()
+
+
+def main() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    from .config.launcher import run_hydra
+
+    run_hydra(run_training, config_name="base")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,139 @@
+"""Loggers: each is a config-group file under cfgs/logger/, several may run at once.
+
+Every logger takes the experiment dir and implements `info(text)`, `scalars(values, step)`,
+`image(tag, pil_image, step)` and `close()`. Only the main process builds loggers.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+
+class BaseLogger:
+    def __init__(self, exp_dir: str, log_step: int = 10):
+        self.exp_dir = Path(exp_dir)
+        self.log_step = max(1, int(log_step))
+
+    def info(self, text: str) -> None:
+        pass
+
+    def scalars(self, values: dict, step: int) -> None:
+        pass
+
+    def image(self, tag: str, image, step: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class ConsoleLogger(BaseLogger):
+    """Writes messages and scalar lines to the console (stderr) and to `<exp_dir>/<out_path>`."""
+
+    def __init__(self, exp_dir: str, out_path: str = "train.log", log_step: int = 10, console: bool = True):
+        super().__init__(exp_dir, log_step)
+        self.logger = logging.getLogger(f"hcpdiff_like.{id(self)}")
+        self.logger.setLevel(logging.INFO)
+        self.logger.propagate = False
+        formatter = logging.Formatter("%(asctime)s | %(message)s", "%Y-%m-%d %H:%M:%S")
+        self.handlers = []
+        if out_path:
+            self.exp_dir.mkdir(parents=True, exist_ok=True)
+            handler = logging.FileHandler(self.exp_dir / out_path, encoding="utf-8")
+            handler.setFormatter(formatter)
+            self.handlers.append(handler)
+        if console:
+            handler = logging.StreamHandler(sys.stderr)
+            handler.setFormatter(formatter)
+            self.handlers.append(handler)
+        for handler in self.handlers:
+            self.logger.addHandler(handler)
+
+    def info(self, text: str) -> None:
+        self.logger.info(text)
+
+    def scalars(self, values: dict, step: int) -> None:
+        body = ", ".join(f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items())
+        self.logger.info(f"step {step}: {body}")
+
+    def close(self) -> None:
+        for handler in self.handlers:
+            handler.close()
+            self.logger.removeHandler(handler)
+
+
+class TensorBoardLogger(BaseLogger):
+    """Scalars and images to `<exp_dir>/tblog/`."""
+
+    def __init__(self, exp_dir: str, out_dir: str = "tblog", log_step: int = 5):
+        super().__init__(exp_dir, log_step)
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(log_dir=str(self.exp_dir / out_dir))
+
+    def scalars(self, values: dict, step: int) -> None:
+        for key, value in values.items():
+            if isinstance(value, (int, float)):
+                self.writer.add_scalar(key, value, step)
+        self.writer.flush()
+
+    def image(self, tag: str, image, step: int) -> None:
+        import numpy as np
+
+        self.writer.add_image(tag, np.asarray(image.convert("RGB")), step, dataformats="HWC")
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class WandbLogger(BaseLogger):
+    """Weights & Biases. Works offline with WANDB_MODE=offline. The API key is read by wandb from
+    the environment or its own login file, never from our config, so it never lands in cfg.yaml."""
+
+    def __init__(self, exp_dir: str, project: str = "hcpdiff_like", name: Optional[str] = None,
+                 mode: Optional[str] = None, log_step: int = 10, config: Optional[dict] = None):
+        super().__init__(exp_dir, log_step)
+        try:
+            import wandb
+        except ImportError as error:  # pragma: no cover - depends on the environment
+            raise ImportError("logger=wandb needs the wandb package: pip install 'hcpdiff_like[wandb]'") from error
+        self.wandb = wandb
+        self.run = wandb.init(project=project, name=name or self.exp_dir.name, dir=str(self.exp_dir),
+                              mode=mode or os.environ.get("WANDB_MODE"), config=config, reinit=True)
+
+    def scalars(self, values: dict, step: int) -> None:
+        self.run.log({k: v for k, v in values.items() if isinstance(v, (int, float))}, step=step)
+
+    def image(self, tag: str, image, step: int) -> None:
+        self.run.log({tag: self.wandb.Image(image)}, step=step)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+class LoggerGroup:
+    """Fan out to several loggers; each only sees scalars on its own `log_step`."""
+
+    def __init__(self, loggers: list[BaseLogger]):
+        self.loggers = loggers
+
+    def info(self, text: str) -> None:
+        for logger in self.loggers:
+            logger.info(text)
+
+    def scalars(self, values: dict, step: int, force: bool = False) -> None:
+        for logger in self.loggers:
+            if force or step % logger.log_step == 0:
+                logger.scalars(values, step)
+
+    def image(self, tag: str, image, step: int) -> None:
+        for logger in self.loggers:
+            logger.image(tag, image, step)
+
+    def close(self) -> None:
+        for logger in self.loggers:
+            logger.close()
