@@ -22,7 +22,11 @@ CFG_PACKAGE = "hcpdiff_like.cfgs"
 
 
 def shipped_cfg_dir() -> Path:
-    """Folder of the shipped configs (works from a checkout and after a non-editable install)."""
+    """Folder of the shipped configs: `cfgs/` beside the package in a source checkout, else the
+    `hcpdiff_like.cfgs` package data of an installed wheel."""
+    checkout = Path(__file__).resolve().parents[2] / "cfgs"
+    if (checkout / "base.yaml").is_file():
+        return checkout
     from importlib.resources import files
 
     return Path(str(files(CFG_PACKAGE)))
@@ -69,6 +73,26 @@ def translate_argv(argv: list[str]) -> tuple[list[str], Optional[Path]]:
     return new_argv, overlay
 
 
+_FLAGS_WITH_VALUE = {"--config-path", "-cp", "--config-name", "-cn", "--config-dir", "-cd", "--cfg", "-c",
+                     "--package", "-p", "--experimental-rerun"}
+
+
+def _split_flags(args: list[str]) -> tuple[list[str], list[str]]:
+    """Hydra's parser wants its flags (-m, --cfg job, ...) before the overrides."""
+    flags, overrides, index = [], [], 0
+    while index < len(args):
+        arg = args[index]
+        if arg.startswith("-"):
+            flags.append(arg)
+            if arg in _FLAGS_WITH_VALUE and index + 1 < len(args):
+                flags.append(args[index + 1])
+                index += 1
+        else:
+            overrides.append(arg)
+        index += 1
+    return flags, overrides
+
+
 def run_hydra(task: Callable, config_name: str = "base", argv: Optional[list[str]] = None) -> None:
     """Run `task(cfg)` under Hydra (single run or `-m` multirun) with our `cfg=` handling."""
     import hydra
@@ -77,10 +101,11 @@ def run_hydra(task: Callable, config_name: str = "base", argv: Optional[list[str
     share_launch_time()
     args = list(sys.argv[1:] if argv is None else argv)
     args, overlay = translate_argv(args)
-    config_path = str(overlay) if overlay else f"pkg://{CFG_PACKAGE}"
-    if not any(a.startswith("hydra/job_logging=") for a in args):
-        args = ["hydra/job_logging=none", "hydra/hydra_logging=none"] + args
-    sys.argv = [sys.argv[0]] + args
+    config_path = str(overlay or shipped_cfg_dir())
+    flags, overrides = _split_flags(args)
+    if not any(a.startswith("hydra/job_logging=") for a in overrides):
+        overrides = ["hydra/job_logging=none", "hydra/hydra_logging=none"] + overrides
+    sys.argv = [sys.argv[0]] + flags + overrides
     main = hydra.main(config_path=config_path, config_name=config_name, version_base=None)(task)
     try:
         main()
