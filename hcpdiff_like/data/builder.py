@@ -28,20 +28,36 @@ class DataConfigError(ValueError):
 
 @dataclass
 class DatasetHandle:
+    """One dataset's loader plus its position, so a resumed run sees the same batches in the same order."""
+
     name: str
     dataset: torch.utils.data.Dataset
     loader: torch.utils.data.DataLoader
     loss_weight: float
     batch_size: int
+    epoch: int = 0
+    batch_in_epoch: int = 0
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.batch_in_epoch = int(state["epoch"]), int(state["batch_in_epoch"])
 
     def forever(self) -> Iterator[dict]:
-        epoch = 0
+        """Cycle the loader epoch after epoch (order fixed by seed + epoch), starting at the saved position."""
+        from accelerate.data_loader import skip_first_batches
+
         while True:
             sampler = self.loader.sampler
             if hasattr(sampler, "set_epoch"):
-                sampler.set_epoch(epoch)
-            yield from self.loader
-            epoch += 1
+                sampler.set_epoch(self.epoch)
+            loader = skip_first_batches(self.loader, self.batch_in_epoch) if self.batch_in_epoch else self.loader
+            for batch in loader:
+                self.batch_in_epoch += 1
+                yield batch
+            self.epoch += 1
+            self.batch_in_epoch = 0
 
 
 def build_datasets(data_cfg: DictConfig, seed: int = 0, num_processes: int = 1, process_index: int = 0,
