@@ -112,3 +112,22 @@ def run_hydra(task: Callable, config_name: str = "base", argv: Optional[list[str
     finally:
         if overlay is not None:
             shutil.rmtree(overlay, ignore_errors=True)
+
+
+def compose_config(overrides: Optional[list[str]] = None, config_name: str = "base"):
+    """Compose a config exactly as the entry point would, without running a job (tests, tools).
+
+    `cfg=` is translated like on the command line; the `hydra` node is available for interpolation.
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    register_resolvers()
+    overrides, overlay = translate_argv(list(overrides or []))
+    try:
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(config_dir=str(overlay or shipped_cfg_dir()), version_base=None):
+            return compose(config_name=config_name, overrides=overrides, return_hydra_config=False)
+    finally:
+        if overlay is not None:
+            shutil.rmtree(overlay, ignore_errors=True)
