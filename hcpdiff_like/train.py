@@ -10,6 +10,16 @@ import os
 from omegaconf import DictConfig
 
 
+def _user_errors() -> tuple:
+    from .config.validation import ConfigError
+    from .data.builder import DataConfigError
+    from .data.sources import SourceError
+    from .models.loading import ModelLoadError
+    from .plugins.lora import LoraBlockError
+
+    return (ConfigError, DataConfigError, SourceError, ModelLoadError, LoraBlockError, FileNotFoundError)
+
+
 def run_training(cfg: DictConfig) -> dict:
     """Validate, then set up and run one training job; returns its loss summary."""
     from hydra.core.hydra_config import HydraConfig
@@ -17,11 +27,16 @@ def run_training(cfg: DictConfig) -> dict:
     from .config.validation import validate_config
     from .training.trainer import Trainer
 
+    USER_ERRORS = _user_errors()
+
     exp_dir = cfg.get("exp_dir")
     if HydraConfig.initialized():
         exp_dir = HydraConfig.get().runtime.output_dir
-    validate_config(cfg)
-    trainer = Trainer(cfg, exp_dir=exp_dir).setup()
+    try:
+        validate_config(cfg)
+        trainer = Trainer(cfg, exp_dir=exp_dir).setup()
+    except USER_ERRORS as error:  # a config/data/model problem: one clear line, no traceback
+        raise SystemExit(f"error: {error}") from error
     try:
         return trainer.train()
     finally:

@@ -64,7 +64,7 @@ class TextConditioner(torch.nn.Module):
         output = encoder(flat, output_hidden_states=True, return_dict=True)
         hidden = output.hidden_states[-1 - layer_from_end]
         if final_norm and layer_from_end > 0:
-            hidden = encoder.text_model.final_layer_norm(hidden)
+            hidden = getattr(encoder, "text_model", encoder).final_layer_norm(hidden)
         hidden = hidden.reshape(batch, chunks * length, hidden.shape[-1])
         pooled = getattr(output, "text_embeds", None)
         if pooled is None:

@@ -15,6 +15,7 @@ optimizer parameter group with its own lr. Base weights stay frozen.
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional, Sequence
 
@@ -110,7 +111,9 @@ def attach_lora_blocks(model: torch.nn.Module, blocks: Sequence[dict | LoraBlock
             taken[m] = index
         rank = _rank_for(spec, model, modules)
         spec.rank, spec.modules, spec.adapter = rank, modules, f"{target}_g{index}"
-        inject_adapter_in_model(_peft_config(spec, modules, rank, model), model, adapter_name=spec.adapter)
+        with warnings.catch_warnings():  # several adapters in one model is what we want here
+            warnings.filterwarnings("ignore", message=".*multiple adapters.*")
+            inject_adapter_in_model(_peft_config(spec, modules, rank, model), model, adapter_name=spec.adapter)
         specs.append(spec)
     activate_all_adapters(model)
     return specs

@@ -1,0 +1,64 @@
+"""LoRA blocks land exactly where the patterns match, with their own rank/alpha/lr, and reload exactly."""
+from __future__ import annotations
+
+import pytest
+import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
+
+from hcpdiff_like.models.loading import load_model_bundle
+from hcpdiff_like.plugins.lora import (LoraBlockError, attach_lora_blocks, load_lora_into, lora_metadata,
+                                      lora_state_dict)
+from hcpdiff_like.plugins.matching import match_module_names, select_layers
+
+
+def adapted(model):
+    return {name for name, module in model.named_modules() if isinstance(module, BaseTunerLayer)}
+
+
+def test_exact_and_regex_patterns(tiny_sd1):
+    unet = load_model_bundle(str(tiny_sd1)).unet
+    exact = "down_blocks.0.attentions.0.transformer_blocks.0.attn1"
+    assert match_module_names(unet, [exact]) == [exact]
+    regex = match_module_names(unet, [r"re:.*\.attn2$"])
+    assert regex and all(name.endswith("attn2") for name in regex)
+    assert select_layers(unet, [exact]) == [f"{exact}.{leaf}" for leaf in ("to_q", "to_k", "to_v", "to_out.0")]
+
+
+def test_lora_only_where_patterns_match(tiny_sd1):
+    unet = load_model_bundle(str(tiny_sd1)).unet
+    specs = attach_lora_blocks(unet, [{"layers": [r"re:.*\.attn1$"], "rank": 2},
+                                      {"layers": [r"re:.*\.attn2$"], "rank": 3, "alpha": 6}], "unet")
+    expected = set(select_layers(load_model_bundle(str(tiny_sd1)).unet, [r"re:.*\.attn1$", r"re:.*\.attn2$"]))
+    assert adapted(unet) == expected
+    layer = dict(unet.named_modules())[specs[1].modules[0]]
+    assert layer.r[specs[1].adapter] == 3 and layer.scaling[specs[1].adapter] == pytest.approx(2.0)
+    # every layer runs the adapter it holds (PEFT would otherwise activate only the last one injected)
+    first = dict(unet.named_modules())[specs[0].modules[0]]
+    assert first.active_adapters == [specs[0].adapter]
+
+
+def test_overlapping_blocks_and_empty_matches_are_errors(tiny_sd1):
+    unet = load_model_bundle(str(tiny_sd1)).unet
+    with pytest.raises(LoraBlockError, match="match no"):
+        attach_lora_blocks(unet, [{"layers": ["re:nothing_here"]}], "unet")
+    with pytest.raises(LoraBlockError, match="already taken"):
+        attach_lora_blocks(unet, [{"layers": [r"re:.*\.attn1$"]}, {"layers": [r"re:.*attn1\.to_q$"]}], "unet")
+
+
+def test_text_encoder_lora_and_reload_gives_identical_outputs(tiny_sd1):
+    bundle = load_model_bundle(str(tiny_sd1))
+    encoder = bundle.text_encoder
+    specs = attach_lora_blocks(encoder, [{"layers": [r"re:.*self_attn$"], "rank": 4, "alpha": 2}], "text_encoder")
+    torch.manual_seed(0)
+    for name, param in encoder.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.5)
+    ids = torch.tensor([[512, 70, 71, 513] + [513] * 73])
+    expected = encoder(ids).last_hidden_state
+    state, metadata = lora_state_dict(encoder, specs), lora_metadata(specs, "text_encoder", "sd1")
+    assert all(".lora_A." in k or ".lora_B." in k for k in state)
+
+    fresh = load_model_bundle(str(tiny_sd1)).text_encoder
+    assert not torch.allclose(fresh(ids).last_hidden_state, expected)
+    load_lora_into(fresh, state, metadata)
+    assert torch.allclose(fresh(ids).last_hidden_state, expected, atol=1e-6)
