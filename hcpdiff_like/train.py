@@ -15,9 +15,11 @@ def _user_errors() -> tuple:
     from .data.builder import DataConfigError
     from .data.sources import SourceError
     from .models.loading import ModelLoadError
+    from .plugins.embedding_files import EmbeddingFormatError
     from .plugins.lora import LoraBlockError
 
-    return (ConfigError, DataConfigError, SourceError, ModelLoadError, LoraBlockError, FileNotFoundError)
+    return (ConfigError, DataConfigError, SourceError, ModelLoadError, LoraBlockError, EmbeddingFormatError,
+            FileNotFoundError)
 
 
 def run_training(cfg: DictConfig) -> dict:

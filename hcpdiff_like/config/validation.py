@@ -22,7 +22,10 @@ KNOWN_KEYS: dict[str, set[str]] = {
                   "zero_terminal_snr", "timestep_sampling", "logit_mean", "logit_std", "min_timestep",
                   "max_timestep"},
     "plugin": {"rank", "alpha", "dropout", "type", "lora_unet", "lora_text_encoder", "finetune_unet",
-               "finetune_text_encoder", "embeddings"},
+               "finetune_text_encoder"},
+    "embeddings": {"emb_dir", "train"},
+    "validation": {"every_n_steps", "timesteps", "seed", "batch_size", "resolution", "max_batches", "at_start",
+                   "keep_best", "early_stop_patience", "min_delta", "plot", "sources"},
 }
 
 TOP_LEVEL_REQUIRED = ("train", "model", "data", "optimizer", "scheduler")

@@ -112,6 +112,24 @@ def load_model_bundle(pretrained_model_name_or_path: Optional[str] = None, famil
     return bundle
 
 
+def load_text_components(pretrained_model_name_or_path: str) -> tuple[list, list]:
+    """Only the tokenizer(s) and text encoder(s) of a model (tools that never touch the UNet)."""
+    path = resolve_model_path(pretrained_model_name_or_path)
+    if path.is_file() or not (path / "text_encoder").is_dir():
+        bundle = load_model_bundle(str(path))
+        return bundle.tokenizers, bundle.text_encoders
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    tokenizers = [CLIPTokenizer.from_pretrained(str(path / "tokenizer"), model_max_length=77, local_files_only=True)]
+    encoders = [CLIPTextModel.from_pretrained(str(path / "text_encoder"), local_files_only=True)]
+    if (path / "text_encoder_2").is_dir():
+        tokenizers.append(CLIPTokenizer.from_pretrained(str(path / "tokenizer_2"), model_max_length=77,
+                                                        local_files_only=True))
+        encoders.append(CLIPTextModelWithProjection.from_pretrained(str(path / "text_encoder_2"),
+                                                                    local_files_only=True))
+    return tokenizers, encoders
+
+
 def set_requires_grad(module: torch.nn.Module, flag: bool) -> None:
     for parameter in module.parameters():
         parameter.requires_grad_(flag)

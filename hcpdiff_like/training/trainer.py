@@ -19,12 +19,15 @@ from ..data.builder import build_datasets
 from ..models.conditioning import TextConditioner, sdxl_size_info
 from ..models.loading import load_model_bundle
 from ..plugins.attach import attach_plugins
+from ..plugins.embedding_files import write_embedding
+from ..plugins.embeddings import attach_embeddings, load_embedding_dir, trained_word_files
 from ..plugins.lora import lora_metadata, lora_state_dict
 from .checkpoints import BASE_PREFIX, save_safetensors
 from .experiment import ExperimentDir
 from .loggers import LoggerGroup
 from .model_wrapper import DiffusionWrapper
 from .objective import DiffusionObjective
+from .validation import ValidationLoop
 
 
 class Trainer:
@@ -50,32 +53,62 @@ class Trainer:
         # Data first: a bad dataset stops the run before any model loads.
         self.datasets = build_datasets(cfg.data, seed=cfg.seed, num_processes=self.accelerator.num_processes,
                                        process_index=self.accelerator.process_index, workers=train.workers)
+        self.validator = ValidationLoop(cfg.get("validation"), cfg.data, self.datasets, self.exp.path,
+                                        is_main=self.exp.is_main, train_steps=train.train_steps)
+        self.loggers.info(self.validator.describe())
 
         model = cfg.model
         self.bundle = load_model_bundle(model.pretrained_model_name_or_path, family=model.get("family"),
                                         revision=model.get("revision"))
         self.targets = attach_plugins(self.bundle, cfg.get("plugin"), lr=self._scaled(train.lr),
                                       text_encoder_lr=self._scaled(train.text_encoder_lr))
-        self.train_text = any(t.trains for n, t in self.targets.items() if n != "unet")
-        if not any(t.trains for t in self.targets.values()):
-            raise ValueError("nothing to train: the plugin config selects no LoRA blocks or fine-tune groups")
-        if model.get("gradient_checkpointing"):
-            self.bundle.unet.enable_gradient_checkpointing()
         conditioner = TextConditioner(self.bundle, clip_skip=model.clip_skip, max_chunks=model.tokenizer_repeats,
                                       clip_final_norm=model.get("clip_final_norm", True))
+        self.word_groups = self._attach_embeddings(conditioner)
+        self.trained_words = [group["word"] for group in self.word_groups]
+        self.train_text = bool(self.word_groups) or any(t.trains for n, t in self.targets.items() if n != "unet")
+        if not any(t.trains for t in self.targets.values()) and not self.word_groups:
+            raise ValueError("nothing to train: the plugin config selects no LoRA blocks or fine-tune groups "
+                             "and embeddings.train names no word")
+        if model.get("gradient_checkpointing"):
+            self.bundle.unet.enable_gradient_checkpointing()
         self.model = DiffusionWrapper(self.bundle.unet, conditioner, self.train_text)
         self._cast_frozen_weights()
         self.objective = DiffusionObjective(self.bundle.noise_scheduler, **OmegaConf.to_container(cfg.objective))
 
+        # Network parameters and trigger words each get their own optimizer + lr schedule (pivotal tuning).
         param_groups = [g for t in self.targets.values() for g in t.param_groups]
-        self.optimizer = instantiate(cfg.optimizer)(param_groups)
-        self.lr_scheduler = instantiate(cfg.scheduler, num_training_steps=cfg.scheduler.get("num_training_steps")
-                                        or train.train_steps)(self.optimizer)
-        self.model, self.optimizer, self.lr_scheduler = self.accelerator.prepare(
-            self.model, self.optimizer, self.lr_scheduler)
+        self.optimizers, self.lr_schedulers = [], []
+        for groups, opt_cfg, sched_cfg in ((param_groups, cfg.optimizer, cfg.scheduler),
+                                           (self.word_groups, cfg.get("optimizer_emb") or cfg.optimizer,
+                                            cfg.get("scheduler_emb") or cfg.scheduler)):
+            if groups:
+                optimizer = instantiate(opt_cfg)(groups)
+                self.optimizers.append(optimizer)
+                self.lr_schedulers.append(instantiate(sched_cfg, num_training_steps=sched_cfg.get(
+                    "num_training_steps") or train.train_steps)(optimizer))
+        prepared = self.accelerator.prepare(self.model, *self.optimizers, *self.lr_schedulers)
+        count = len(self.optimizers)
+        self.model, self.optimizers = prepared[0], list(prepared[1:1 + count])
+        self.lr_schedulers = list(prepared[1 + count:])
         self.bundle.vae.to(self.accelerator.device)
-        self._log_setup(param_groups)
+        self._log_setup(param_groups + self.word_groups)
         return self
+
+    def _attach_embeddings(self, conditioner: TextConditioner) -> list[dict]:
+        """Load every word in `embeddings.emb_dir`; the words in `embeddings.train` get param groups."""
+        emb_cfg = self.cfg.get("embeddings") or {}
+        train_words = {str(w["name"]): w.get("lr") for w in (emb_cfg.get("train") or [])}
+        emb_dir = emb_cfg.get("emb_dir")
+        if not emb_dir or (not train_words and not Path(str(emb_dir)).is_dir()):
+            return []
+        files = load_embedding_dir(emb_dir)
+        return attach_embeddings(self.bundle, conditioner, files, train=train_words,
+                                 default_lr=self._scaled(self.cfg.train.emb_lr))
+
+    @property
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for optimizer in self.optimizers for g in optimizer.param_groups for p in g["params"]]
 
     def _scaled(self, lr: float) -> float:
         """train.scale_lr multiplies the lr by the total batch (sum of batch sizes x processes x accumulation)."""
@@ -142,11 +175,13 @@ class Trainer:
                 self.accelerator.backward(loss)
                 total += loss.detach().item()
             if self.accelerator.sync_gradients and self.cfg.train.max_grad_norm:
-                trainable = [p for g in self.optimizer.param_groups for p in g["params"]]
-                self.accelerator.clip_grad_norm_(trainable, self.cfg.train.max_grad_norm)
-            self.optimizer.step()
-            self.lr_scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
+                self.accelerator.clip_grad_norm_(self.trainable_parameters, self.cfg.train.max_grad_norm)
+            for optimizer in self.optimizers:
+                optimizer.step()
+            for lr_scheduler in self.lr_schedulers:
+                lr_scheduler.step()
+            for optimizer in self.optimizers:
+                optimizer.zero_grad(set_to_none=True)
         return total
 
     def train(self) -> dict:
@@ -157,6 +192,7 @@ class Trainer:
         progress = tqdm(total=train.train_steps, initial=self.global_step, desc="train", unit="step",
                         disable=not self.accelerator.is_main_process, dynamic_ncols=True)
         losses, smoothed, started = [], None, time.time()
+        self.validator.maybe_validate(self.global_step, self)  # baseline before the first step
         while self.global_step < train.train_steps:
             loss = self.train_step([next(s) for s in streams])
             if not math.isfinite(loss):
@@ -165,12 +201,18 @@ class Trainer:
             self.global_step += 1
             losses.append(loss)
             smoothed = loss if smoothed is None else 0.93 * smoothed + 0.07 * loss
-            lr = self.lr_scheduler.get_last_lr()[0]
-            progress.set_postfix(loss=f"{smoothed:.4f}", lr=f"{lr:.2e}")
+            lrs = [scheduler.get_last_lr()[0] for scheduler in self.lr_schedulers]
+            progress.set_postfix(loss=f"{smoothed:.4f}", lr=f"{lrs[0]:.2e}")
             progress.update(1)
-            self.loggers.scalars({"loss": loss, "loss_smoothed": smoothed, "lr": lr}, self.global_step)
+            scalars = {"loss": loss, "loss_smoothed": smoothed, "lr": lrs[0]}
+            if self.word_groups:  # HCP's LR_model / LR_word
+                scalars["lr_word"] = lrs[-1]
+            self.loggers.scalars(scalars, self.global_step)
             if self.global_step % train.save_step == 0 and self.global_step < train.train_steps:
                 self.save_checkpoint(self.global_step)
+            self.validator.maybe_validate(self.global_step, self)
+            if self.validator.should_stop:  # validation.early_stop_patience
+                break
         progress.close()
         self.save_checkpoint(self.global_step)
         summary = {"final_loss": losses[-1] if losses else float("nan"),
@@ -199,6 +241,8 @@ class Trainer:
                 if target.trains:
                     state, metadata = self.trained_state(name)
                     save_safetensors(state, self.exp.ckpt_dir / f"{name}-{step}.safetensors", metadata)
+            for word_file in trained_word_files(self.bundle, self.trained_words, step):
+                write_embedding(word_file, self.exp.ckpt_dir / f"{word_file.name}-{step}.pt")
             self.loggers.info(f"saved checkpoints for step {step} in {self.exp.ckpt_dir}")
         self.accelerator.wait_for_everyone()
 
