@@ -59,7 +59,8 @@ class Trainer:
 
         model = cfg.model
         self.bundle = load_model_bundle(model.pretrained_model_name_or_path, family=model.get("family"),
-                                        revision=model.get("revision"))
+                                        revision=model.get("revision"),
+                                        single_file_config=model.get("single_file_config"))
         self.targets = attach_plugins(self.bundle, cfg.get("plugin"), lr=self._scaled(train.lr),
                                       text_encoder_lr=self._scaled(train.text_encoder_lr))
         conditioner = TextConditioner(self.bundle, clip_skip=model.clip_skip, max_chunks=model.tokenizer_repeats,

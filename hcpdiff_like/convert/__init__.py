@@ -1,0 +1,1 @@
+"""Checkpoint conversions: LoRA/embedding formats, single-file checkpoints, merging."""
