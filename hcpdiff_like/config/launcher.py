@@ -36,8 +36,8 @@ def _is_path_like(value: str) -> bool:
     return value.endswith((".yaml", ".yml")) or os.sep in value or value.startswith((".", "~"))
 
 
-def _build_overlay(user_file: Path) -> Path:
-    """A config tree = shipped configs + the user's folder merged into `train/` (user wins)."""
+def _build_overlay(user_file: Path, group: str = "train") -> Path:
+    """A config tree = shipped configs + the user's folder merged into `<group>/` (user wins)."""
     digest = hashlib.sha1(f"{user_file}-{os.getpid()}".encode()).hexdigest()[:10]
     overlay = Path(tempfile.gettempdir()) / f"hcpdiff_like-cfg-{digest}"
     if overlay.exists():
@@ -45,12 +45,13 @@ def _build_overlay(user_file: Path) -> Path:
     shutil.copytree(shipped_cfg_dir(), overlay, ignore=shutil.ignore_patterns("__pycache__", "*.py"))
     for sibling in user_file.parent.iterdir():
         if sibling.suffix in (".yaml", ".yml") and sibling.is_file():
-            shutil.copyfile(sibling, overlay / "train" / (sibling.stem + ".yaml"))
+            shutil.copyfile(sibling, overlay / group / (sibling.stem + ".yaml"))
     return overlay
 
 
-def translate_argv(argv: list[str]) -> tuple[list[str], Optional[Path]]:
-    """Rewrite `cfg=X` into Hydra's `train=X`; return the new argv and an overlay dir if X is a path."""
+def translate_argv(argv: list[str], group: str = "train") -> tuple[list[str], Optional[Path]]:
+    """Rewrite `cfg=X` into Hydra's `<group>=X` (train; the visualizer: infer); return the new argv
+    and an overlay dir if X is a path."""
     new_argv, overlay = [], None
     for arg in argv:
         if arg.startswith("cfg="):
@@ -61,14 +62,14 @@ def translate_argv(argv: list[str]) -> tuple[list[str], Optional[Path]]:
                     user_file = user_file.with_suffix(".yaml")
                 if not user_file.is_file():
                     raise SystemExit(f"cfg={value}: config file {user_file} does not exist")
-                overlay = _build_overlay(user_file)
+                overlay = _build_overlay(user_file, group)
                 value = user_file.stem
-            elif not (shipped_cfg_dir() / "train" / f"{value}.yaml").exists():
-                names = sorted(p.relative_to(shipped_cfg_dir() / "train").with_suffix("").as_posix()
-                               for p in (shipped_cfg_dir() / "train").rglob("*.yaml"))
-                raise SystemExit(f"cfg={value}: no shipped experiment config of that name. "
+            elif not (shipped_cfg_dir() / group / f"{value}.yaml").exists():
+                names = sorted(p.relative_to(shipped_cfg_dir() / group).with_suffix("").as_posix()
+                               for p in (shipped_cfg_dir() / group).rglob("*.yaml"))
+                raise SystemExit(f"cfg={value}: no shipped experiment config of that name in cfgs/{group}/. "
                                  f"Shipped: {', '.join(names)}; or pass a path to your own .yaml")
-            arg = f"train={value}"
+            arg = f"{group}={value}"
         new_argv.append(arg)
     return new_argv, overlay
 
@@ -93,14 +94,16 @@ def _split_flags(args: list[str]) -> tuple[list[str], list[str]]:
     return flags, overrides
 
 
-def run_hydra(task: Callable, config_name: str = "base", argv: Optional[list[str]] = None) -> None:
-    """Run `task(cfg)` under Hydra (single run or `-m` multirun) with our `cfg=` handling."""
+def run_hydra(task: Callable, config_name: str = "base", argv: Optional[list[str]] = None,
+              cfg_group: str = "train") -> None:
+    """Run `task(cfg)` under Hydra (single run or `-m` multirun) with our `cfg=` handling;
+    `cfg=` picks from the config group `cfg_group` (train; the visualizer uses infer)."""
     import hydra
 
     register_resolvers()
     share_launch_time()
     args = list(sys.argv[1:] if argv is None else argv)
-    args, overlay = translate_argv(args)
+    args, overlay = translate_argv(args, cfg_group)
     config_path = str(overlay or shipped_cfg_dir())
     flags, overrides = _split_flags(args)
     if not any(a.startswith("hydra/job_logging=") for a in overrides):
@@ -114,7 +117,7 @@ def run_hydra(task: Callable, config_name: str = "base", argv: Optional[list[str
             shutil.rmtree(overlay, ignore_errors=True)
 
 
-def compose_config(overrides: Optional[list[str]] = None, config_name: str = "base"):
+def compose_config(overrides: Optional[list[str]] = None, config_name: str = "base", cfg_group: str = "train"):
     """Compose a config exactly as the entry point would, without running a job (tests, tools).
 
     `cfg=` is translated like on the command line; the `hydra` node is available for interpolation.
@@ -123,7 +126,7 @@ def compose_config(overrides: Optional[list[str]] = None, config_name: str = "ba
     from hydra.core.global_hydra import GlobalHydra
 
     register_resolvers()
-    overrides, overlay = translate_argv(list(overrides or []))
+    overrides, overlay = translate_argv(list(overrides or []), cfg_group)
     try:
         GlobalHydra.instance().clear()
         with initialize_config_dir(config_dir=str(overlay or shipped_cfg_dir()), version_base=None):
