@@ -14,8 +14,11 @@ class DiffusionWrapper(torch.nn.Module):
         self.unet = unet
         self.conditioner = conditioner
         self.train_text = train_text
+        self.text_cache = None  # training/text_cache.py, when model.cache_text_embeddings applies
 
     def encode_text(self, captions: Sequence[str], size_info: Optional[torch.Tensor] = None):
+        if self.text_cache is not None:
+            return self.text_cache(self.conditioner, captions, size_info)
         with torch.set_grad_enabled(self.train_text and torch.is_grad_enabled()):
             return self.conditioner(captions, size_info)
 

@@ -23,10 +23,13 @@ from ..plugins.embedding_files import write_embedding
 from ..plugins.embeddings import attach_embeddings, load_embedding_dir, trained_word_files
 from ..plugins.lora import lora_metadata, lora_state_dict
 from .checkpoints import BASE_PREFIX, save_safetensors
+from .ema import EMA
 from .experiment import ExperimentDir
 from .loggers import LoggerGroup
 from .model_wrapper import DiffusionWrapper
 from .objective import DiffusionObjective
+from .speed import apply_speed_options, check_speed_options, weight_dtype
+from .text_cache import TextEmbeddingCache
 from .validation import ValidationLoop
 
 
@@ -58,6 +61,7 @@ class Trainer:
         self.loggers.info(self.validator.describe())
 
         model = cfg.model
+        check_speed_options(model, cfg.mixed_precision)
         self.bundle = load_model_bundle(model.pretrained_model_name_or_path, family=model.get("family"),
                                         revision=model.get("revision"),
                                         single_file_config=model.get("single_file_config"))
@@ -73,9 +77,14 @@ class Trainer:
                              "and embeddings.train names no word")
         if model.get("gradient_checkpointing"):
             self.bundle.unet.enable_gradient_checkpointing()
+        self.loggers.info("unet: " + ", ".join(apply_speed_options(self.bundle.unet, model)))
         self.model = DiffusionWrapper(self.bundle.unet, conditioner, self.train_text)
+        if model.get("cache_text_embeddings"):  # only when nothing in the text path trains
+            self.model.text_cache = None if self.train_text else TextEmbeddingCache(log=self.loggers.info)
+            self.loggers.info(f"cache_text_embeddings: {'on' if self.model.text_cache else 'off (text trains)'}")
         self._cast_frozen_weights()
         self.objective = DiffusionObjective(self.bundle.noise_scheduler, **OmegaConf.to_container(cfg.objective))
+        self.bundle.noise_scheduler = self.objective.noise_scheduler  # zero_terminal_snr rescales it
 
         # Network parameters and trigger words each get their own optimizer + lr schedule (pivotal tuning).
         param_groups = [g for t in self.targets.values() for g in t.param_groups]
@@ -93,6 +102,9 @@ class Trainer:
         self.model, self.optimizers = prepared[0], list(prepared[1:1 + count])
         self.lr_schedulers = list(prepared[1 + count:])
         self.bundle.vae.to(self.accelerator.device)
+        ema_options = train.get("ema")  # after prepare: the average lives on the training device
+        self.ema = EMA([p for g in param_groups for p in g["params"]],
+                       **OmegaConf.to_container(ema_options)) if ema_options else None
         self._log_setup(param_groups + self.word_groups)
         return self
 
@@ -120,11 +132,13 @@ class Trainer:
         return float(lr) * total
 
     def _cast_frozen_weights(self) -> None:
-        """Frozen weights may live in the half dtype; trained parameters stay fp32 for the optimizer."""
-        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.cfg.mixed_precision, torch.float32)
+        """Frozen weights may live in the half dtype; trained parameters stay fp32 for the optimizer
+        (model.full_bf16: they are bf16 too)."""
+        dtype = weight_dtype(self.cfg.mixed_precision)
+        full_bf16 = bool(self.cfg.model.get("full_bf16"))
         for module in [self.bundle.unet, *self.bundle.text_encoders]:
             for param in module.parameters():
-                if not param.requires_grad:
+                if full_bf16 or not param.requires_grad:
                     param.data = param.data.to(dtype)
         vae_dtype = self.cfg.model.get("vae_dtype") or "fp32"
         self.bundle.vae.to({"fp16": torch.float16, "bf16": torch.bfloat16}.get(vae_dtype, torch.float32))
@@ -155,35 +169,49 @@ class Trainer:
         latents = vae.encode(pixels).latent_dist.sample()
         return (latents * vae.config.scaling_factor).float()
 
-    def train_step(self, batches: list[dict]) -> float:
-        """One optimizer step's worth of work: every dataset contributes one batch."""
+    def train_step(self, batches: list) -> float:
+        """One optimizer step. `batches` holds one batch per dataset, or (gradient accumulation) one such
+        list per micro-step; gradients of all micro-steps add up before the optimizers step once."""
+        micro_steps = batches if batches and isinstance(batches[0], (list, tuple)) else [batches]
         total = 0.0
-        with self.accelerator.accumulate(self.model):
-            for handle, batch in zip(self.datasets, batches):
-                latents = self.encode_latents(batch)
-                noise = self.objective.sample_noise(latents)
-                timesteps = self.objective.sample_timesteps(latents.shape[0], latents.device)
-                noisy = self.bundle.noise_scheduler.add_noise(latents, noise, timesteps)
-                size_info = None
-                if self.bundle.family == "sdxl":
-                    size_info = sdxl_size_info(batch["original_size"], batch["crop_top_left"], batch["target_size"])
-                with self.accelerator.autocast():
-                    prediction = self.model(noisy, timesteps, batch["captions"], size_info)
-                target = self.objective.target(latents, noise, timesteps)
-                per_sample = self.objective.per_sample_loss(prediction, target, timesteps, batch.get("loss_mask"))
-                weights = batch["loss_weight"].to(per_sample.device).float()
-                loss = (per_sample * weights).mean() * handle.loss_weight
-                self.accelerator.backward(loss)
-                total += loss.detach().item()
-            if self.accelerator.sync_gradients and self.cfg.train.max_grad_norm:
-                self.accelerator.clip_grad_norm_(self.trainable_parameters, self.cfg.train.max_grad_norm)
-            for optimizer in self.optimizers:
-                optimizer.step()
-            for lr_scheduler in self.lr_schedulers:
-                lr_scheduler.step()
-            for optimizer in self.optimizers:
-                optimizer.zero_grad(set_to_none=True)
-        return total
+        for micro_batches in micro_steps:
+            with self.accelerator.accumulate(self.model):
+                for handle, batch in zip(self.datasets, micro_batches):
+                    loss = self.diffusion_loss(batch) * handle.loss_weight  # prior preservation: class data
+                    self.accelerator.backward(loss)
+                    total += loss.detach().item()
+                if self.accelerator.sync_gradients:
+                    self.optimizer_step()
+        return total / len(micro_steps)
+
+    def diffusion_loss(self, batch: dict) -> torch.Tensor:
+        """x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) eps;  loss = w(t) * criterion(model(x_t, t, text), target)."""
+        objective = self.objective
+        latents = self.encode_latents(batch)
+        noise = objective.sample_noise(latents)
+        timesteps = objective.sample_timesteps(latents.shape[0], latents.device)
+        noisy = objective.add_noise(latents, noise, timesteps)
+        size_info = None
+        if self.bundle.family == "sdxl":  # micro-conditioning on each image's original size and crop
+            size_info = sdxl_size_info(batch["original_size"], batch["crop_top_left"], batch["target_size"])
+        with self.accelerator.autocast():
+            prediction = self.model(noisy, timesteps, batch["captions"], size_info)
+        target = objective.target(latents, noise, timesteps)
+        per_sample = objective.per_sample_loss(prediction, target, timesteps, batch.get("loss_mask"))
+        return (per_sample * batch["loss_weight"].to(per_sample.device).float()).mean()
+
+    def optimizer_step(self) -> None:
+        """Clip, step every optimizer and lr schedule, clear the gradients, update the EMA."""
+        if self.cfg.train.max_grad_norm:
+            self.accelerator.clip_grad_norm_(self.trainable_parameters, self.cfg.train.max_grad_norm)
+        for optimizer in self.optimizers:
+            optimizer.step()
+        for lr_scheduler in self.lr_schedulers:
+            lr_scheduler.step()
+        for optimizer in self.optimizers:
+            optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update()
 
     def train(self) -> dict:
         from tqdm.auto import tqdm
@@ -195,7 +223,7 @@ class Trainer:
         losses, smoothed, started = [], None, time.time()
         self.validator.maybe_validate(self.global_step, self)  # baseline before the first step
         while self.global_step < train.train_steps:
-            loss = self.train_step([next(s) for s in streams])
+            loss = self.train_step([[next(s) for s in streams] for _ in range(train.gradient_accumulation_steps)])
             if not math.isfinite(loss):
                 raise FloatingPointError(f"non-finite loss {loss} at step {self.global_step + 1}; last checkpoint "
                                          f"kept in {self.exp.ckpt_dir}")
@@ -242,6 +270,10 @@ class Trainer:
                 if target.trains:
                     state, metadata = self.trained_state(name)
                     save_safetensors(state, self.exp.ckpt_dir / f"{name}-{step}.safetensors", metadata)
+                    if self.ema is not None:  # same keys and metadata, averaged weights (docs/training.md)
+                        with self.ema.applied():
+                            state, metadata = self.trained_state(name)
+                        save_safetensors(state, self.exp.ckpt_dir / "ema" / f"{name}-{step}.safetensors", metadata)
             for word_file in trained_word_files(self.bundle, self.trained_words, step):
                 write_embedding(word_file, self.exp.ckpt_dir / f"{word_file.name}-{step}.pt")
             self.loggers.info(f"saved checkpoints for step {step} in {self.exp.ckpt_dir}")
