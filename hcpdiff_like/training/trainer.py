@@ -16,6 +16,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from ..data.builder import build_datasets
+from ..data.latent_cache import cache_latents
 from ..models.conditioning import TextConditioner, sdxl_size_info
 from ..models.loading import load_model_bundle
 from ..plugins.attach import attach_plugins
@@ -83,6 +84,10 @@ class Trainer:
             self.model.text_cache = None if self.train_text else TextEmbeddingCache(log=self.loggers.info)
             self.loggers.info(f"cache_text_embeddings: {'on' if self.model.text_cache else 'off (text trains)'}")
         self._cast_frozen_weights()
+        cache_latents(self.datasets, self.bundle.vae, self.accelerator.device, accelerator=self.accelerator,
+                      show_progress=self.exp.is_main)  # data/latent_cache.py; no-op unless data.<ds>.cache_latents
+        for handle in self.datasets:
+            self.loggers.info(handle.summary())
         self.objective = DiffusionObjective(self.bundle.noise_scheduler, **OmegaConf.to_container(cfg.objective))
         self.bundle.noise_scheduler = self.objective.noise_scheduler  # zero_terminal_snr rescales it
 
