@@ -14,6 +14,7 @@ the words listed as trained get gradients (a caption without the word gives its 
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -21,6 +22,10 @@ import torch
 
 from .embedding_files import EMBEDDING_SUFFIXES, EmbeddingFile, EmbeddingFormatError, read_embedding, \
     split_for_encoders
+
+
+# Network checkpoints that share a folder with words (an experiment's ckpts/): not embeddings.
+NETWORK_FILE = re.compile(r"^(unet|text_encoder(_2)?)(-.*)?$")
 
 
 class WordEmbedding(torch.nn.Module):
@@ -76,7 +81,8 @@ def word_embedding_of(encoder: torch.nn.Module) -> WordEmbedding:
 
 
 def load_embedding_dir(folder: str | os.PathLike, steps: Optional[Sequence[int]] = None) -> list[EmbeddingFile]:
-    """Every embedding file in `folder` (word = file stem). A missing folder is an error naming it.
+    """Every embedding file in `folder` (word = file stem; `unet-*`/`text_encoder-*` files are skipped, so an
+    experiment's ckpts/ works as an emb_dir). A missing folder is an error naming it.
 
     `steps` keeps only files named `<word>-<step>` for those steps (the visualizer's `model_steps`)."""
     folder = Path(os.path.expanduser(str(folder)))
@@ -84,7 +90,7 @@ def load_embedding_dir(folder: str | os.PathLike, steps: Optional[Sequence[int]]
         raise EmbeddingFormatError(f"embeddings.emb_dir: folder {folder} does not exist "
                                    "(create a word with python -m hcpdiff_like.tools.create_embedding)")
     files = sorted(p for p in folder.iterdir() if p.suffix in EMBEDDING_SUFFIXES and p.is_file()
-                   and not p.name.startswith("."))
+                   and not p.name.startswith(".") and not NETWORK_FILE.match(p.stem))
     if steps is not None:
         wanted = {str(s) for s in steps}
         files = [p for p in files if "-" in p.stem and p.stem.rsplit("-", 1)[1] in wanted]
