@@ -50,6 +50,7 @@ def _layers(model: torch.nn.Module, layers: Optional[Sequence[str]]) -> list[str
     return [n for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
 
 
+@torch.no_grad()
 def extract_lora(base: torch.nn.Module, tuned: torch.nn.Module, target: str, family: str, rank: int,
                  conv_rank: int = 0, min_diff: float = 1e-5, layers: Optional[Sequence[str]] = None,
                  dtype: torch.dtype = torch.float32) -> ExtractedLora:
