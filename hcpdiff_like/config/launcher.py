@@ -32,8 +32,11 @@ def shipped_cfg_dir() -> Path:
     return Path(str(files(CFG_PACKAGE)))
 
 
-def _is_path_like(value: str) -> bool:
-    return value.endswith((".yaml", ".yml")) or os.sep in value or value.startswith((".", "~"))
+def _is_path_like(value: str, group: str = "train") -> bool:
+    """A file path, unless it names a shipped config of the group (`cfg=anime/text2img_anime_lora`)."""
+    if value.endswith((".yaml", ".yml")) or value.startswith((".", "~", os.sep)):
+        return True
+    return os.sep in value and not (shipped_cfg_dir() / group / f"{value}.yaml").is_file()
 
 
 def _build_overlay(user_file: Path, group: str = "train") -> Path:
@@ -56,7 +59,7 @@ def translate_argv(argv: list[str], group: str = "train") -> tuple[list[str], Op
     for arg in argv:
         if arg.startswith("cfg="):
             value = arg[len("cfg="):]
-            if _is_path_like(value):
+            if _is_path_like(value, group):
                 user_file = Path(os.path.expanduser(value)).resolve()
                 if user_file.suffix not in (".yaml", ".yml"):
                     user_file = user_file.with_suffix(".yaml")
