@@ -63,7 +63,7 @@ class BucketManager:
         self.enabled, self.step, self.no_upscale = bool(enabled), int(step), bool(no_upscale)
         if self.step < 8:
             raise ValueError(f"bucket_reso_steps must be >= 8, got {step}")
-        self.min_size = int(min_size) - int(min_size) % self.step                   # kohya: rounded down
+        self.min_size = max(self.step, int(min_size) - int(min_size) % self.step)   # kohya: rounded down
         self.max_size = int(math.ceil(int(max_size) / self.step) * self.step)       # kohya: rounded up
         if self.enabled and not self.no_upscale:
             if min(self.resolution) < self.min_size or max(self.resolution) > self.max_size:

@@ -28,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from .buckets import BucketManager
 from .dataset import BucketDataset, collate
-from .images import DEFAULT_MAX_PIXELS, describe_problems, scan_images
+from .images import DEFAULT_MAX_PIXELS, ImageInfo, describe_problems, scan_images
 from .sampler import BucketBatchSampler
 from .stats import dataset_summary
 from .sources import ImageRecord
@@ -61,6 +61,7 @@ class DatasetHandle:
     cache_mode: Optional[str] = None          # None | "memory" | "disk" (latent_cache.py)
     cache_dir: Optional[str] = None
     cache_summary: str = ""
+    image_problems: list = field(default_factory=list)  # ImageInfo of skipped / converted files (images.py)
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch}
@@ -183,11 +184,13 @@ def build_datasets(data_cfg: DictConfig, seed: int = 0, num_processes: int = 1, 
     for name, ds_cfg, sources in planned:
         paths = sorted({r.image_path for _, _, found in sources for r in found} - set(infos))
         infos.update(scan_images(paths, max_pixels[name], progress=show_progress))
-    problems = [i for i in infos.values() if i.problem or i.converted]
-    from .images import ImageInfo
-
-    problems += [ImageInfo(p, None, why) for _, _, s in planned for _, src, _ in s for p, why in src.problems]
-    message = describe_problems(problems)
+    problems = {}
+    for name, _, sources in planned:
+        paths = {r.image_path for _, _, found in sources for r in found}
+        problems[name] = [infos[p] for p in sorted(paths) if infos[p].problem or infos[p].converted]
+        problems[name] += [ImageInfo(p, None, why) for _, source, _ in sources for p, why in source.problems]
+    unique = {(str(i.path), i.problem, i.converted): i for found in problems.values() for i in found}
+    message = describe_problems(unique.values())
     if message:
         logger.warning(message)
 
@@ -205,8 +208,10 @@ def build_datasets(data_cfg: DictConfig, seed: int = 0, num_processes: int = 1, 
         split = float(ds_cfg.get("validation_split") or 0.0)
         val_seed = ds_cfg.get("validation_seed")
         records, held_out = validation_split(records, split, seed if val_seed is None else int(val_seed))
-        handles.append(_make_handle(name, ds_cfg, [s for _, s, _ in sources], records, held_out, seed,
-                                    num_processes, process_index, workers))
+        handle = _make_handle(name, ds_cfg, [s for _, s, _ in sources], records, held_out, seed, num_processes,
+                              process_index, workers)
+        handle.image_problems = problems[name]
+        handles.append(handle)
     return handles
 
 
