@@ -28,11 +28,11 @@ class LayoutError(ValueError):
     """The folder tree cannot be flattened or restored safely; the message names the folder."""
 
 
-def read_repeat(folder: Path) -> int:
-    """round(multiply.txt) like the pipeline (Python rounds half to even); 1 when the file is absent."""
+def read_multiply(folder: Path) -> float | None:
+    """The float in the first line of the folder's multiply.txt, None when the file is absent."""
     file = folder / MULTIPLY_FILE
     if not file.is_file():
-        return 1
+        return None
     text = file.read_text(encoding="utf-8").strip().splitlines()
     try:
         value = float(text[0])
@@ -40,7 +40,13 @@ def read_repeat(folder: Path) -> int:
         raise LayoutError(f"{file}: first line is not a number ({text[:1]})") from error
     if value < 0:
         raise LayoutError(f"{file}: negative multiply {value}")
-    return round(value)
+    return value
+
+
+def read_repeat(folder: Path) -> int:
+    """round(multiply.txt) like the pipeline (Python rounds half to even); 1 when the file is absent."""
+    value = read_multiply(folder)
+    return 1 if value is None else round(value)
 
 
 def _subfolders(folder: Path) -> list[Path]:
