@@ -26,13 +26,21 @@ def randomize_lora(model: torch.nn.Module, seed: int, std: float = 0.2) -> None:
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if "lora_" in name:
+            if any(marker in name for marker in ("lora_", "hada_", "lokr_")):
                 param.copy_(torch.randn(param.shape, generator=generator) * std)
+
+
+_DEFAULT_FILES: dict[tuple, dict[str, Path]] = {}  # the default files, written once per session
 
 
 def make_lora_files(model_path, family: str, out_dir: Path, blocks: dict | None = None, seed: int = 0,
                     step: int = 5) -> dict[str, Path]:
-    """{target: our LoRA file}; `blocks` maps target -> block list (default: UNet with LoCon + TE(s))."""
+    """{target: our LoRA file}; `blocks` maps target -> block list (default: UNet with LoCon + TE(s)).
+    Tests only read these files, so the default set is written once and shared."""
+    key = (str(model_path), family, seed, step)
+    if blocks is None and key in _DEFAULT_FILES and all(p.exists() for p in _DEFAULT_FILES[key].values()):
+        return _DEFAULT_FILES[key]
+    default = blocks is None
     bundle = load_model_bundle(str(model_path))
     if blocks is None:
         blocks = {"unet": UNET_BLOCKS, "text_encoder": TE_BLOCKS}
@@ -48,4 +56,6 @@ def make_lora_files(model_path, family: str, out_dir: Path, blocks: dict | None 
         metadata.update({"hcpdiff_like.family": family, "hcpdiff_like.step": str(step)})
         files[target] = save_safetensors(lora_state_dict(model, specs), out_dir / f"{target}-{step}.safetensors",
                                          metadata)
+    if default:
+        _DEFAULT_FILES[key] = files
     return files

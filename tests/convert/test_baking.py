@@ -10,7 +10,8 @@ from hcpdiff_like.convert.kohya_lora import LoraFormatError, ours_to_kohya, read
 from hcpdiff_like.convert.merge import merge_embeddings_into_bundle, merge_lora_into_bundle
 from hcpdiff_like.models.loading import load_model_bundle
 from hcpdiff_like.plugins.embedding_files import EmbeddingFile, WordExistsError
-from hcpdiff_like.training.checkpoints import save_safetensors
+from hcpdiff_like.plugins.lora import load_lora_into
+from hcpdiff_like.training.checkpoints import load_safetensors, save_safetensors
 
 
 @pytest.fixture(scope="module")
@@ -90,3 +91,20 @@ def test_embeddings_become_tokens(tiny_sdxl):
     assert pipe.maybe_convert_prompt("a sks_word photo", bundle.tokenizer) == "a sks_word sks_word_1 sks_word_2 photo"
     with pytest.raises(WordExistsError):
         merge_embeddings_into_bundle(bundle, [EmbeddingFile("sks_word", [torch.randn(1, 32)] * 2)])
+
+
+@pytest.mark.parametrize("kind", ["dora", "loha", "lokr"])
+def test_other_adapter_types_bake_to_the_same_outputs(tiny_sd1, tmp_path, kind):
+    blocks = {"text_encoder": [{"layers": [r"re:.*self_attn$"], "rank": 2, "alpha": 3, "type": kind}]}
+    files = make_lora_files(tiny_sd1, "sd1", tmp_path, blocks=blocks, seed=4)
+    with_adapter = load_model_bundle(str(tiny_sd1)).text_encoder
+    state, metadata = load_safetensors(files["text_encoder"])
+    load_lora_into(with_adapter, state, metadata)
+    merged = load_model_bundle(str(tiny_sd1))
+    merge_lora_into_bundle(merged, [(files["text_encoder"], 1.0)])
+    ids = torch.tensor([[512, 70, 71, 513]])
+    with torch.no_grad():
+        expected = with_adapter(ids).last_hidden_state
+        assert not torch.allclose(load_model_bundle(str(tiny_sd1)).text_encoder(ids).last_hidden_state, expected,
+                                  atol=1e-3)
+        assert torch.allclose(merged.text_encoder(ids).last_hidden_state, expected, atol=1e-5)
