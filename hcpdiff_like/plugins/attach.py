@@ -52,21 +52,31 @@ def _as_list(value) -> list:
 
 
 def _finetune(target: TrainedTarget, groups: list, default_lr: float, section: str) -> None:
+    """Train the base weights of the matched modules, one param group (own lr) per config entry. LoRA tensors
+    inside a matched module stay with their LoRA block; two entries may not select the same weight."""
     named_params = dict(target.module.named_parameters())
+    named_modules = dict(target.module.named_modules())
+    owner = {id(p): g["name"] for g in target.param_groups for p in g["params"]}  # LoRA blocks so far
+    lora_ids = set(owner)
     for index, group in enumerate(groups):
         if "layers" not in group:
             raise ValueError(f"plugin.{section}[{index}]: 'layers' is required")
         modules = match_module_names(target.module, group["layers"])
         if not modules:
             raise ValueError(f"plugin.{section}[{index}]: layers {group['layers']} match no module")
-        names = sorted({f"{m}.{p}" if m else p for m in modules
-                        for p, _ in dict(target.module.named_modules())[m].named_parameters()})
-        params = [named_params[n] for n in names if n in named_params]
+        names = sorted({f"{m}.{p}" if m else p for m in modules for p, _ in named_modules[m].named_parameters()})
+        names = [n for n in names if n in named_params and id(named_params[n]) not in lora_ids]
+        for name in names:
+            if id(named_params[name]) in owner:
+                raise ValueError(f"plugin.{section}[{index}] selects {name}, already trained by "
+                                 f"{owner[id(named_params[name])]}; make the layer patterns disjoint")
+            owner[id(named_params[name])] = f"{section}[{index}]"
+        params = [named_params[n] for n in names]
         for p in params:
             p.requires_grad_(True)
         target.finetuned.extend(names)
-        target.param_groups.append({"params": params, "lr": float(group.get("lr", default_lr)),
-                                    "name": f"{section}[{index}]"})
+        lr = default_lr if group.get("lr") is None else group["lr"]
+        target.param_groups.append({"params": params, "lr": float(lr), "name": f"{section}[{index}]"})
 
 
 def attach_plugins(bundle: ModelBundle, plugin_cfg: Optional[DictConfig], lr: float,

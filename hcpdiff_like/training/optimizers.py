@@ -63,13 +63,17 @@ def lion(params: Iterable, lr: float = 1e-4, **kwargs) -> torch.optim.Optimizer:
 
 
 def prodigy(params: Iterable, lr: float = 1.0, **kwargs) -> torch.optim.Optimizer:
-    """Prodigy (Mishchenko & Defazio 2023) from the `prodigyopt` package: it estimates the step size itself,
-    so every group's lr should be about 1.0 (set train.lr=1 and train.text_encoder_lr=1)."""
+    """Prodigy (Mishchenko & Defazio 2023) from the `prodigyopt` package. It estimates the step size itself and
+    supports one lr for all groups, so every group's lr (train.lr, block lrs) is replaced by `lr` (~1.0);
+    groups with lr 0 stay frozen."""
     try:
         from prodigyopt import Prodigy
     except ImportError as error:
         raise OptimizerUnavailable("optimizer=prodigy needs the prodigyopt package: pip install prodigyopt") \
             from error
+    params = list(params)
+    if params and isinstance(params[0], dict):
+        params = [dict(group, lr=0.0 if group.get("lr") == 0 else lr) for group in params]
     return Prodigy(params, lr=lr, **kwargs)
 
 

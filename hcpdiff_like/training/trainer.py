@@ -276,9 +276,10 @@ class Trainer:
                     state, metadata = self.trained_state(name)
                     save_safetensors(state, self.exp.ckpt_dir / f"{name}-{step}.safetensors", metadata)
                     if self.ema is not None:  # same keys and metadata, averaged weights (docs/training.md)
-                        with self.ema.applied():
+                        with self.ema.applied():  # write inside: the state's tensors share the weights' memory
                             state, metadata = self.trained_state(name)
-                        save_safetensors(state, self.exp.ckpt_dir / "ema" / f"{name}-{step}.safetensors", metadata)
+                            save_safetensors(state, self.exp.ckpt_dir / "ema" / f"{name}-{step}.safetensors",
+                                             metadata)
             for word_file in trained_word_files(self.bundle, self.trained_words, step):
                 write_embedding(word_file, self.exp.ckpt_dir / f"{word_file.name}-{step}.pt")
             self.loggers.info(f"saved checkpoints for step {step} in {self.exp.ckpt_dir}")
