@@ -26,6 +26,8 @@ KNOWN_KEYS: dict[str, set[str]] = {
     "embeddings": {"emb_dir", "train"},
     "validation": {"every_n_steps", "timesteps", "seed", "batch_size", "resolution", "max_batches", "at_start",
                    "keep_best", "early_stop_patience", "min_delta", "plot", "sources"},
+    "sample": {"every_n_steps", "at_start", "prompts", "neg_prompt", "width", "height", "seed", "guidance_scale",
+               "num_inference_steps", "sampler"},
 }
 
 TOP_LEVEL_REQUIRED = ("train", "model", "data", "optimizer", "scheduler")

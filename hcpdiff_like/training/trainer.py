@@ -16,6 +16,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from ..data.builder import build_datasets
+from ..infer.training_samples import TrainingSampler
 from ..data.latent_cache import cache_latents
 from ..models.conditioning import TextConditioner, sdxl_size_info
 from ..models.loading import load_model_bundle
@@ -60,6 +61,8 @@ class Trainer:
         self.validator = ValidationLoop(cfg.get("validation"), cfg.data, self.datasets, self.exp.path,
                                         is_main=self.exp.is_main, train_steps=train.train_steps)
         self.loggers.info(self.validator.describe())
+        self.sampler = TrainingSampler.from_config(cfg, self.exp.path)  # sample images (infer/training_samples.py)
+        self.loggers.info(self.sampler.describe())
 
         model = cfg.model
         check_speed_options(model, cfg.mixed_precision)
@@ -227,6 +230,7 @@ class Trainer:
                         disable=not self.accelerator.is_main_process, dynamic_ncols=True)
         losses, smoothed, started = [], None, time.time()
         self.validator.maybe_validate(self.global_step, self)  # baseline before the first step
+        self.sampler.maybe_sample(self.global_step, self)  # sample.at_start
         while self.global_step < train.train_steps:
             loss = self.train_step([[next(s) for s in streams] for _ in range(train.gradient_accumulation_steps)])
             if not math.isfinite(loss):
@@ -245,6 +249,7 @@ class Trainer:
             if self.global_step % train.save_step == 0 and self.global_step < train.train_steps:
                 self.save_checkpoint(self.global_step)
             self.validator.maybe_validate(self.global_step, self)
+            self.sampler.maybe_sample(self.global_step, self)  # every sample.every_n_steps
             if self.validator.should_stop:  # validation.early_stop_patience
                 break
         progress.close()
