@@ -44,19 +44,24 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     elif path.suffix in PICKLE_SUFFIXES:
         try:
             state = torch.load(str(path), map_location="cpu", weights_only=True)
-        except (pickle.UnpicklingError, RuntimeError, EOFError) as error:
+        except pickle.UnpicklingError as error:
+            text = str(error)
+            reason = text.split("WeightsUnpickler error:")[-1].split("Check the documentation")[0].strip() or text
             raise ModelLoadError(
-                f"{path}: refusing to unpickle this file (it holds more than plain tensors; loading it would run "
-                f"code from the file). Convert it to .safetensors in a trusted environment first. ({error})"
-            ) from error
+                f"{path}: refusing to unpickle this file: torch.load(weights_only=True) rejects it, so it is not a "
+                "plain-tensor checkpoint (loading it fully could run code from the file). Convert it to "
+                f".safetensors in a trusted environment first. ({reason})") from error
+        except (RuntimeError, EOFError, OSError) as error:
+            raise ModelLoadError(f"{path} is not a readable checkpoint: {error}") from error
     else:
         raise ModelLoadError(f"{path}: not a checkpoint file (expected .safetensors, or .ckpt loadable with "
                              "weights_only=True)")
     while isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
-    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ModelLoadError(f"{path} does not hold a flat dictionary of tensors")
-    return state
+    tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)} if isinstance(state, dict) else {}
+    if not tensors:
+        raise ModelLoadError(f"{path} does not hold a dictionary of tensors")
+    return tensors
 
 
 def detect_single_file_family(state: dict[str, torch.Tensor], path: str | Path = "") -> str:
