@@ -95,3 +95,18 @@ def test_shipped_pivotal_config_fills_the_trigger_word_into_captions(tmp_path):
     source = cfg.data.dataset1.sources.source1
     assert source.word_names.name == "surtr_arknights" and source.img_dir == str(tmp_path)
     assert cfg.plugin.rank == 8 and cfg.plugin.lora_text_encoder[0].rank == 4 and cfg.model.clip_skip == 1
+
+
+def test_sdxl_word_trains_one_tensor_per_text_encoder(tiny_sdxl, demo_images, tmp_path):
+    embs = tmp_path / "embs"
+    initial = read_embedding(create_embedding(str(tiny_sdxl), "sks_xl", 2, out_dir=embs, seed=0)).vectors
+    cfg = compose_config(["cfg=textual_inversion", "model=tiny_sdxl", "logger=[console]", "word=sks_xl",
+                          f"dataset_dir={demo_images}", f"embeddings.emb_dir={embs}", "data.dataset1.batch_size=2",
+                          "data.dataset1.resolution=64", "train.train_steps=2", "embeddings.train.0.lr=1e-2"])
+    trainer = Trainer(cfg, exp_dir=str(tmp_path / "exp")).setup()
+    trainer.train()
+    trainer.cleanup()
+    saved = torch.load(trainer.exp.ckpt_dir / "sks_xl-2.pt", weights_only=True)
+    assert set(saved) >= {"clip_l", "clip_g"}  # A1111's SDXL layout
+    for before, after in zip(initial, (saved["clip_l"], saved["clip_g"])):
+        assert after.shape == before.shape and not torch.equal(after, before)
