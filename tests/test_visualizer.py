@@ -144,3 +144,11 @@ def test_cfg_picks_from_cfgs_infer_and_prompts_need_no_quoting():
     with pytest.raises(SystemExit, match="cfgs/infer/.*text2img"):
         compose_config(["cfg=nope"], config_name=CONFIG_NAME, cfg_group=CFG_GROUP)
     assert quote_free_text(["prompt=it's"]) == ["prompt='it\\'s'"]
+
+
+def test_sdxl_and_sd2_generate_at_the_asked_size(tiny_sdxl, tiny_sd2, tmp_path):
+    for model in (tiny_sdxl, tiny_sd2):
+        written = visualize(f"pretrained_model={model}", "prompt=a (cat:1.3)", "seed=1", "infer_args.height=48",
+                            "sampler=dpm++_2m_karras", f"output_dir={tmp_path / model.name}")
+        with Image.open(written[0]) as image:
+            assert image.size == (32, 48)
