@@ -115,6 +115,7 @@ def unet_to_original(unet) -> dict[str, torch.Tensor]:
 
 
 # ----------------------------------------------------------------------------------------------- VAE
+_VAE_BLOCK = re.compile(r"(encoder|decoder)\.(down|up)_blocks\.(\d+)\.(resnets|downsamplers|upsamplers)\.(\d+)\.(.+)")
 _VAE_ATTENTION_RENAMES = {"group_norm.": "norm.", "to_q.": "q.", "to_k.": "k.", "to_v.": "v.", "to_out.0.": "proj_out."}
 
 
@@ -123,8 +124,7 @@ def vae_to_original(vae) -> dict[str, torch.Tensor]:
     out = {}
     for key, value in plain_state_dict(vae, "VAE").items():
         new = key.replace("conv_norm_out.", "norm_out.")
-        match = re.fullmatch(r"(encoder|decoder)\.(down|up)_blocks\.(\d+)\.(resnets|downsamplers|upsamplers)\.(\d+)\.(.+)",
-                             new)
+        match = _VAE_BLOCK.fullmatch(new)
         if match:
             side, direction, block, kind, index, rest = match.groups()
             level = int(block) if direction == "down" else num_up - 1 - int(block)  # ldm counts decoder levels upward

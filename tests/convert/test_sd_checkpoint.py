@@ -162,8 +162,9 @@ def test_write_refuses_other_suffix_existing_file_and_lora_wrapped_unet(bundles,
         write_single_file(bundles["sd1"], target, overwrite=False)
     assert target.read_bytes() == b"keep me"
 
-    from peft import LoraConfig, inject_adapter_in_model
     import copy
+
+    from peft import LoraConfig, inject_adapter_in_model
 
     unet = copy.deepcopy(bundles["sd1"].unet)
     inject_adapter_in_model(LoraConfig(r=2, target_modules=["to_q"]), unet)

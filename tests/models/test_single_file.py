@@ -23,7 +23,8 @@ def test_family_is_detected_from_keys(files):
     for family, path in files.items():
         assert detect_single_file_family(load_file(str(path)), path) == family
     # no text encoder keys: the UNet's cross-attention width decides (768 = SD1, 1024 = SD2, 2048 = SDXL)
-    unet_only = {"model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": torch.zeros(320, 1024)}
+    key = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
+    unet_only = {key: torch.zeros(320, 1024)}
     assert detect_single_file_family(unet_only) == "sd2"
 
 

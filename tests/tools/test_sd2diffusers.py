@@ -49,7 +49,8 @@ def test_tools_refuse_to_overwrite_and_wrong_inputs(tiny_sd1, tmp_path, capsys):
     with safe_open(str(single), framework="pt") as handle:
         assert handle.get_tensor("model.diffusion_model.out.2.weight").dtype == torch.float16
 
-    assert diffusers2sd.main(["--model_path", str(tmp_path / "nope"), "--save_path", str(tmp_path / "x.safetensors")]) == 2
+    missing = ["--model_path", str(tmp_path / "nope"), "--save_path", str(tmp_path / "x.safetensors")]
+    assert diffusers2sd.main(missing) == 2
     assert "not a diffusers folder" in capsys.readouterr().err
     assert diffusers2sd.main(["--model_path", str(tiny_sd1), "--save_path", str(tmp_path / "x.ckpt")]) == 2
     assert ".safetensors" in capsys.readouterr().err
