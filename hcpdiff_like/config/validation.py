@@ -16,7 +16,7 @@ KNOWN_KEYS: dict[str, set[str]] = {
               "validation_every", "sample_every", "ema", "log_step"},
     "model": {"pretrained_model_name_or_path", "family", "revision", "clip_skip", "clip_final_norm",
               "tokenizer_repeats", "gradient_checkpointing", "vae_dtype", "single_file_config", "attention",
-              "full_bf16", "cache_text_embeddings", "channels_last", "compile"},
+              "full_bf16", "cache_text_embeddings", "channels_last", "compile", "weighted_captions"},
     "objective": {"prediction_type", "loss_type", "huber_c", "min_snr_gamma", "noise_offset",
                   "adaptive_noise_scale", "pyramid_noise_iterations", "pyramid_noise_discount",
                   "zero_terminal_snr", "timestep_sampling", "logit_mean", "logit_std", "min_timestep",

@@ -18,9 +18,12 @@ from .prompt_weights import parse_prompt_weights
 
 
 class WeightedPromptEncoder:
-    def __init__(self, conditioner: TextConditioner, min_chunks: int = 1):
+    """`max_chunks` (training: the conditioner's own) cuts longer prompts; by default they get more chunks."""
+
+    def __init__(self, conditioner: TextConditioner, min_chunks: int = 1, max_chunks: Optional[int] = None):
         self.conditioner = conditioner
         self.min_chunks = max(1, int(min_chunks))
+        self.max_chunks = None if max_chunks is None else max(self.min_chunks, int(max_chunks))
 
     def weighted_ids(self, prompt: str, encoder_index: int = 0) -> tuple[list[int], list[float]]:
         """Token ids (no BOS/EOS, trigger words expanded) and one weight per token."""
@@ -39,6 +42,8 @@ class WeightedPromptEncoder:
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
         parsed = [self.weighted_ids(p, encoder_index) for p in prompts]
         chunks = max([self.min_chunks] + [math.ceil(len(ids) / CHUNK_TOKENS) for ids, _ in parsed])
+        if self.max_chunks is not None:
+            chunks = min(chunks, self.max_chunks)
         id_rows, weight_rows = [], []
         for ids, weights in parsed:
             row_ids, row_weights = [], []
@@ -70,9 +75,8 @@ class WeightedPromptEncoder:
         ratio = torch.where(stable, original_mean / torch.where(stable, weighted_mean, 1.0), 1.0)
         return (weighted * ratio).to(hidden.dtype)
 
-    @torch.no_grad()
     def encode(self, prompts: Sequence[str]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """Return (hidden [B, C*77, D], pooled [B, D'] for SDXL else None)."""
+        """Return (hidden [B, C*77, D], pooled [B, D'] for SDXL else None); differentiable (training)."""
         hidden_states, pooled = [], None
         for index in range(len(self.conditioner.text_encoders)):
             ids, weights = self._rows(prompts, index)

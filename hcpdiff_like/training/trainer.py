@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ..data.builder import build_datasets
 from ..infer.training_samples import TrainingSampler
+from ..infer.weighted_captions import conditioner_class
 from ..data.latent_cache import cache_latents
 from ..models.conditioning import TextConditioner, sdxl_size_info
 from ..models.loading import load_model_bundle
@@ -71,8 +72,9 @@ class Trainer:
                                         single_file_config=model.get("single_file_config"))
         self.targets = attach_plugins(self.bundle, cfg.get("plugin"), lr=self._scaled(train.lr),
                                       text_encoder_lr=self._scaled(train.text_encoder_lr))
-        conditioner = TextConditioner(self.bundle, clip_skip=model.clip_skip, max_chunks=model.tokenizer_repeats,
-                                      clip_final_norm=model.get("clip_final_norm", True))
+        conditioner = conditioner_class(model)(self.bundle, clip_skip=model.clip_skip,  # model.weighted_captions
+                                               max_chunks=model.tokenizer_repeats,
+                                               clip_final_norm=model.get("clip_final_norm", True))
         self.word_groups = self._attach_embeddings(conditioner)
         self.trained_words = [group["word"] for group in self.word_groups]
         self.train_text = bool(self.word_groups) or any(t.trains for n, t in self.targets.items() if n != "unet")

@@ -59,13 +59,14 @@ def test_grid_layout():
 
 
 def test_tiny_run_writes_a_sample_grid_per_step(tmp_path, demo_images):
+    from hcpdiff_like.infer.weighted_captions import WeightedTextConditioner
     from hcpdiff_like.training.trainer import Trainer
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle --w 32 --h 32 --s 2\n(blue:1.3) square --w 32 --h 32 --s 2 --d 5 --ss euler_a\n")
     cfg = compose_config(["cfg=demo", f"data.dataset1.sources.shapes.img_dir={demo_images}", "logger=[console]",
                           "train.train_steps=2", "train.save_step=1000", "validation.every_n_steps=0",
-                          "sample.every_n_steps=1", f"sample.prompts={prompts}"])
+                          "sample.every_n_steps=1", f"sample.prompts={prompts}", "model.weighted_captions=true"])
     trainer = Trainer(cfg, exp_dir=str(tmp_path / "exp")).setup()
     logged = []
     trainer.bundle.unet.train()
@@ -82,3 +83,4 @@ def test_tiny_run_writes_a_sample_grid_per_step(tmp_path, demo_images):
     assert record["step"] == 1 and [p["seed"] for p in record["prompts"]] == [0, 5]
     assert logged == [("samples", (64, 32), 1), ("samples", (64, 32), 2)]
     assert trainer.bundle.unet.training  # sampling ran in eval mode, then restored the mode
+    assert isinstance(trainer.accelerator.unwrap_model(trainer.model).conditioner, WeightedTextConditioner)
