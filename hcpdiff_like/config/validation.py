@@ -30,6 +30,11 @@ KNOWN_KEYS: dict[str, set[str]] = {
                "num_inference_steps", "sampler"},
 }
 
+# data.<dataset>.<key> (docs/data.md); source keys are checked by each source's constructor (data/builder.py)
+DATASET_KEYS = {"batch_size", "loss_weight", "resolution", "enable_bucket", "min_bucket_reso", "max_bucket_reso",
+                "bucket_reso_steps", "bucket_no_upscale", "flip", "random_crop", "cache_latents",
+                "latent_cache_dir", "validation_split", "validation_seed", "max_image_pixels", "sources"}
+
 TOP_LEVEL_REQUIRED = ("train", "model", "data", "optimizer", "scheduler")
 
 
@@ -58,3 +63,7 @@ def validate_config(cfg: DictConfig) -> None:
         for key in node.keys():
             if key not in known:
                 raise ConfigError(f"unknown config key '{section}.{key}'{_suggest(key, known)}")
+    for name, dataset in (cfg.get("data") or {}).items():
+        for key in dataset.keys() if isinstance(dataset, DictConfig) else ():
+            if key not in DATASET_KEYS:
+                raise ConfigError(f"unknown config key 'data.{name}.{key}'{_suggest(key, DATASET_KEYS)}")

@@ -1,4 +1,4 @@
-"""Build the training data from the `data` config section (keys: docs/data.md, DATASET_KEYS below).
+"""Build the training data from the `data` config section (keys: docs/data.md, config.validation.DATASET_KEYS).
 
     data:
       dataset1:                # several datasets allowed; each yields one batch per training step
@@ -26,6 +26,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from ..config.validation import DATASET_KEYS
 from .buckets import BucketManager
 from .dataset import BucketDataset, collate
 from .images import DEFAULT_MAX_PIXELS, ImageInfo, describe_problems, scan_images
@@ -35,9 +36,7 @@ from .sources import ImageRecord
 
 logger = logging.getLogger("hcpdiff_like.data")
 
-DATASET_KEYS = {"batch_size", "loss_weight", "resolution", "enable_bucket", "min_bucket_reso", "max_bucket_reso",
-                "bucket_reso_steps", "bucket_no_upscale", "flip", "random_crop", "cache_latents",
-                "latent_cache_dir", "validation_split", "validation_seed", "max_image_pixels", "sources"}
+
 
 
 class DataConfigError(ValueError):

@@ -129,3 +129,13 @@ def test_unknown_keys_are_named(mixed_folder):
         build(data_cfg(mixed_folder, enable_buckets=True))
     with pytest.raises(DataConfigError, match="data.ds.sources.s.shufle_tags.*shuffle_tags"):
         build(data_cfg(mixed_folder, source={"shufle_tags": True}))
+
+
+def test_start_up_validation_names_dataset_key_typos():
+    from hcpdiff_like.config.launcher import compose_config
+    from hcpdiff_like.config.validation import ConfigError, validate_config
+
+    cfg = compose_config(["cfg=demo", "+data.dataset1.cache_latent=disk"])
+    with pytest.raises(ConfigError, match="data.dataset1.cache_latent.*did you mean 'cache_latents'"):
+        validate_config(cfg)
+    validate_config(compose_config(["cfg=demo", "+data.dataset1.cache_latents=disk"]))
