@@ -1,0 +1,49 @@
+"""Smoke run of tools/bench/step_overhead.py (2 steps of each loop) and the clock arithmetic it relies on."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH_DIR = Path(__file__).resolve().parents[2] / "tools" / "bench"
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH_DIR / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_step_marks_leave_out_warmup_and_measure_gaps():
+    sys.path.insert(0, str(BENCH_DIR))
+    import common
+
+    clock = common.StepMarks()
+    clock.marks = [10.0, 11.0, 13.0, 16.0]
+    assert clock.steady_seconds(warmup=0) == [1.0, 2.0, 3.0]
+    assert clock.steady_seconds(warmup=1) == [2.0, 3.0]
+    assert common.median([3.0, 1.0, 2.0]) == 2.0 and math.isnan(common.median([]))
+
+
+def test_smoke_run_prints_both_loops_and_their_ratio(tmp_path, tiny_sd1, capsys):
+    out = tmp_path / "overhead.json"
+    report = load_script("step_overhead").main(["--repeats", "1", "--warmup", "0", "--steps", "2", "--threads", "1",
+                                                "--json", str(out)])
+    printed = capsys.readouterr().out
+    seconds = {name: float(re.search(rf"^{name}: ([0-9.]+) s/step wall, ([0-9.]+) s/step CPU", printed, re.M).group(1))
+               for name in ("framework", "reference")}
+    ratio = float(re.search(r"^ratio framework/reference: ([0-9.]+) wall", printed, re.M).group(1))
+    assert all(value > 0 for value in seconds.values())
+    assert ratio == pytest.approx(seconds["framework"] / seconds["reference"], rel=0.02)
+    # a fair comparison: both loops train exactly the same LoRA parameters
+    trainable = re.search(r"^trainable parameters: framework (\d+), reference (\d+)", printed, re.M)
+    assert trainable.group(1) == trainable.group(2) and int(trainable.group(1)) > 0
+    saved = json.loads(out.read_text())
+    assert saved["ratio"] == pytest.approx(report["ratio"])
+    assert len(saved["per_repeat"]["framework"]) == len(saved["per_repeat"]["reference"]) == 1

@@ -1,0 +1,30 @@
+"""SD1.5 training speed on a GPU: the full-size architecture from the published config shipped in the
+package (random weights, nothing downloaded) at 512 px, bf16, LoRA rank 32 on the UNet, batch sizes 1-8,
+through the framework and through a minimal diffusers + PEFT loop: it/s, images/s, peak GPU memory, MFU.
+
+    python tools/bench/gpu_sd15.py                                   # batch 1,2,4,8; framework + reference
+    python tools/bench/gpu_sd15.py --batch-sizes 4 --lever-sweep all # each speed lever alone vs the baseline
+    python tools/bench/gpu_sd15.py --compile --cache-latents --json sd15.json
+    python tools/bench/gpu_sd15.py --device cpu --tiny --batch-sizes 1 --steps 1 --warmup 1   # CPU smoke test
+
+It refuses to run without CUDA unless given --device cpu --tiny. MFU counts every FLOP of one step
+(VAE encode, text encoder, UNet forward + backward) with torch.utils.flop_counter.FlopCounterMode.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import gpu_common  # noqa: E402
+
+SPEC = gpu_common.ModelSpec(config_name="sd15", family="sd1", resolution=512, title="SD1.5")
+
+
+def main(argv=None) -> dict:
+    return gpu_common.main(SPEC, argv, __doc__, "tools/bench/gpu_sd15.py")
+
+
+if __name__ == "__main__":
+    main()
