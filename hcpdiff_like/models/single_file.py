@@ -128,8 +128,9 @@ def _load_tokenizer(config_dir: Optional[Path], subfolder: str, family: str, pat
 
 
 def load_single_file_bundle(path: str | Path, family: Optional[str] = None,
-                            config_dir: Optional[str | Path] = None) -> ModelBundle:
-    """Build a `ModelBundle` from one original-layout checkpoint; `family` forces the detected one."""
+                            config_dir: Optional[str | Path] = None, extract_ema: bool = False) -> ModelBundle:
+    """Build a `ModelBundle` from one original-layout checkpoint; `family` forces the detected one.
+    `extract_ema`: take the UNet's EMA copy (`model_ema.*`) from files that hold both (e.g. v1-5-pruned)."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from_ldm
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
@@ -150,10 +151,11 @@ def load_single_file_bundle(path: str | Path, family: Optional[str] = None,
     if family == "sdxl":
         tokenizers.append(_load_tokenizer(config_dir, "tokenizer_2", family, path))
 
-    def single_file(cls, subfolder):
+    def single_file(cls, subfolder, **options):
         root = _component_dir(config_dir, family, subfolder)
         return _load_component(lambda: cls.from_single_file(state, config=str(root), subfolder=subfolder,
-                                                            local_files_only=True, torch_dtype=torch.float32),
+                                                            local_files_only=True, torch_dtype=torch.float32,
+                                                            **options),
                                subfolder, path, root)
 
     def text_encoder(cls, subfolder, prefix):
@@ -169,7 +171,7 @@ def load_single_file_bundle(path: str | Path, family: Optional[str] = None,
     scheduler_root = _component_dir(config_dir, family, "scheduler")
     bundle = ModelBundle(
         family=family,
-        unet=single_file(UNet2DConditionModel, "unet"),
+        unet=single_file(UNet2DConditionModel, "unet", extract_ema=extract_ema),
         vae=single_file(AutoencoderKL, "vae"),
         noise_scheduler=DDPMScheduler.from_pretrained(str(scheduler_root), subfolder="scheduler",
                                                       local_files_only=True),

@@ -25,6 +25,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="local diffusers folder of the same family (tokenizers + component configs)")
     parser.add_argument("--family", choices=("sd1", "sd2", "sdxl"), default=None, help="force the model family")
     parser.add_argument("--half", action="store_true", help="save fp16 weights")
+    parser.add_argument("--extract_ema", action="store_true",
+                        help="use the UNet's EMA weights (model_ema.*) of a file that holds both")
+    for flag in ("--from_safetensors", "--to_safetensors"):  # HCP-Diffusion's flags: always the case here
+        parser.add_argument(flag, action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --dump_path")
     return parser
 
@@ -69,7 +73,8 @@ def save_folder_atomically(pipeline, dump_path: Path, overwrite: bool) -> Path:
     return dump_path
 
 
-def convert(checkpoint_path, dump_path, config_dir, family=None, half=False, overwrite=False) -> Path:
+def convert(checkpoint_path, dump_path, config_dir, family=None, half=False, overwrite=False,
+            extract_ema=False) -> Path:
     import torch
 
     from ..models.single_file import load_single_file_bundle
@@ -77,7 +82,7 @@ def convert(checkpoint_path, dump_path, config_dir, family=None, half=False, ove
     dump_path, config_dir = Path(dump_path), Path(config_dir)
     if dump_path.exists() and not overwrite:
         raise FileExistsError(f"{dump_path} exists; pass --overwrite to replace it")
-    bundle = load_single_file_bundle(checkpoint_path, family=family, config_dir=config_dir)
+    bundle = load_single_file_bundle(checkpoint_path, family=family, config_dir=config_dir, extract_ema=extract_ema)
     pipeline = bundle_to_pipeline(bundle, scheduler_for_saving(bundle, config_dir))
     if half:
         pipeline.to(torch.float16)
@@ -89,7 +94,8 @@ def main(argv=None) -> int:
     from ..models.loading import ModelLoadError
 
     try:
-        out = convert(args.checkpoint_path, args.dump_path, args.config_dir, args.family, args.half, args.overwrite)
+        out = convert(args.checkpoint_path, args.dump_path, args.config_dir, args.family, args.half, args.overwrite,
+                      args.extract_ema)
     except (ModelLoadError, FileExistsError, FileNotFoundError) as error:
         print(f"sd2diffusers: error: {error}", file=sys.stderr)
         return 2

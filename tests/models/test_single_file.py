@@ -69,6 +69,20 @@ def test_wrong_inputs_fail_with_clear_messages(files, tiny_sd1, tiny_sd2, tmp_pa
         load_single_file_bundle(files["sd1"], family="sd1", config_dir=tiny_sd2)  # tiny SD2 shapes differ
 
 
+def test_extract_ema_takes_the_ema_copy(files, tiny_sd1, tmp_path):
+    """ldm files may hold `model_ema.<key without dots>` beside each UNet weight; default = the non-EMA ones."""
+    state = load_file(str(files["sd1"]))
+    unet_keys = [k for k in state if k.startswith("model.diffusion_model.")]
+    for key in unet_keys:
+        state["model_ema." + "".join(key.split(".")[1:])] = state[key] + 1.0
+    save_file(state, str(tmp_path / "ema.safetensors"))
+    plain = load_single_file_bundle(tmp_path / "ema.safetensors", config_dir=tiny_sd1)
+    ema = load_single_file_bundle(tmp_path / "ema.safetensors", config_dir=tiny_sd1, extract_ema=True)
+    weight = state["model.diffusion_model.out.2.weight"]
+    assert torch.equal(plain.unet.conv_out.weight, weight)
+    assert torch.equal(ema.unet.conv_out.weight, weight + 1.0)
+
+
 def test_tokenizer_only_folder_falls_back_to_published_architecture(files, tiny_sd1, tmp_path):
     """A folder holding just tokenizer/ makes the published SD1.5 architecture apply: the tiny weights don't fit."""
     import shutil

@@ -34,6 +34,7 @@ def dataset(tmp_path):
     return root
 
 
+@pytest.mark.slow
 def test_pivotal_config_composes_creates_embeddings_and_trains(dataset, tiny_sd1, tmp_path, run_train):
     dst = tmp_path / "run"
     assert prepare_config.main(["--dataset_dir", str(dataset), "--config_dst_dir", str(dst), "--pivotal",
