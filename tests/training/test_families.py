@@ -100,4 +100,7 @@ def test_each_family_trains_a_step(request, family, demo_images, tmp_path):
         torch.testing.assert_close(seen[0], expected)
     else:
         assert seen == [None]
+    # a per-image loss mask (pixel space, here all zero) reaches the loss through the latent-size mask
+    masked = dict(batch, loss_mask=torch.zeros(batch["pixel_values"].shape[0], 1, 64, 64))
+    assert trainer.diffusion_loss(masked).item() == 0.0
     trainer.cleanup()
