@@ -47,11 +47,22 @@ def _suggest(key: str, known: set[str]) -> str:
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
+def _missing_keys(node, prefix: str = "") -> list[str]:
+    """Keys left as `???`, found without resolving interpolations (OmegaConf.missing_keys raises on a
+    `${dataset_dir}` that points at a `???` instead of naming `dataset_dir`)."""
+    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+    found = []
+    for key, value in items:
+        path = f"{prefix}.{key}" if prefix else str(key)
+        found += [path] if value == "???" else _missing_keys(value, path)
+    return found
+
+
 def validate_config(cfg: DictConfig) -> None:
     for section in TOP_LEVEL_REQUIRED:
         if cfg.get(section) is None:
             raise ConfigError(f"config section '{section}' is missing")
-    missing = sorted(OmegaConf.missing_keys(cfg))
+    missing = sorted(_missing_keys(OmegaConf.to_container(cfg, resolve=False)))
     if missing:
         raise ConfigError("required config value(s) not set: " + ", ".join(missing)
                           + " (set them in your config or on the command line, e.g. "

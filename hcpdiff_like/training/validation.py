@@ -56,8 +56,11 @@ class ValidationSet:
     records: list
     resolution: object
     batch_size: int
+    handle: object = None           # the training dataset the records were split from, if any
 
     def loader(self):
+        if self.handle is not None and hasattr(self.handle, "eval_loader"):  # that dataset's buckets
+            return self.handle.eval_loader(batch_size=self.batch_size, records=self.records)
         try:  # the data pipeline's own helper, when present, knows buckets and masks
             from ..data.dataset import make_eval_loader
         except ImportError:
@@ -116,7 +119,7 @@ def build_validation_sets(val_cfg, data_cfg, datasets) -> list[ValidationSet]:
             raise ValidationConfigError(f"data.{handle.name}.validation_split is set but this data pipeline does "
                                         "not hold out records; use validation.sources instead")
         if records:
-            sets.append(ValidationSet(handle.name, records, _resolution_of(ds_cfg), batch_size))
+            sets.append(ValidationSet(handle.name, records, _resolution_of(ds_cfg), batch_size, handle))
     default_resolution = val_cfg.get("resolution") or (
         _resolution_of(next(iter(data_cfg.values()))) if data_cfg else 512)
     if OmegaConf.is_list(default_resolution):
