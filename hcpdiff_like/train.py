@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from omegaconf import DictConfig
 
@@ -17,9 +18,10 @@ def _user_errors() -> tuple:
     from .models.loading import ModelLoadError
     from .plugins.embedding_files import EmbeddingFormatError
     from .plugins.lora import LoraBlockError
+    from .training.resume import ResumeError
 
     return (ConfigError, DataConfigError, SourceError, ModelLoadError, LoraBlockError, EmbeddingFormatError,
-            FileNotFoundError)
+            ResumeError, FileNotFoundError)
 
 
 def run_training(cfg: DictConfig) -> dict:
@@ -36,13 +38,29 @@ def run_training(cfg: DictConfig) -> dict:
         exp_dir = HydraConfig.get().runtime.output_dir
     try:
         validate_config(cfg)
+        if cfg.train.get("resume"):  # before any heavy work
+            from .training.resume import find_state
+
+            find_state(cfg.train.resume)
         trainer = Trainer(cfg, exp_dir=exp_dir).setup()
     except USER_ERRORS as error:  # a config/data/model problem: one clear line, no traceback
+        if exp_dir and Path(exp_dir).is_dir() and not any(Path(exp_dir).iterdir()):
+            Path(exp_dir).rmdir()  # the empty dir Hydra made for this run
         raise SystemExit(f"error: {error}") from error
+    from .training.resume import ResumeError
+    from .training.signals import NonFiniteLossError
+    from .training.sweep import job_record
+
     try:
-        return trainer.train()
+        summary = trainer.train()
+    except (NonFiniteLossError, ResumeError) as error:  # stopped on purpose: one clear line
+        raise SystemExit(f"error: {error}") from error
     finally:
         trainer.cleanup()
+    trainer.exp.write_summary(job_record(summary))  # sweeps tabulate these (training/sweep.py)
+    if summary.get("interrupted"):  # SIGINT/SIGTERM: state saved; 128 + signal number, like the shell
+        raise SystemExit(trainer.stop_signal.exit_code)
+    return summary
 
 
 def main() -> None:

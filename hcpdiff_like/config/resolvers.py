@@ -5,6 +5,7 @@
 * `${hcp.eval:"512*512"}`  arithmetic on numbers only (no names, no calls).
 * `${hcp.cfgs:}`   the folder of the shipped configs (for prompt templates and the like).
 * `${hcp.demo_data:}` the generated demo dataset (written to the local cache on first use).
+* `${hcp.resume_or:${train.resume},<new dir>}`  the experiment dir of the run being resumed, else <new dir>.
 """
 from __future__ import annotations
 
@@ -46,6 +47,16 @@ def launch_time() -> str:
     return os.environ[LAUNCH_TIME_ENV]
 
 
+def cpu_processes() -> bool:
+    """True for a multi-process launch without a GPU: accelerate then needs `cpu=True` to use gloo
+    (MULTI_CPU); without it every process silently trains alone."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    import torch
+
+    return not torch.cuda.is_available()
+
+
 def share_launch_time() -> str:
     """Agree on one launch time across processes (torchrun / accelerate launch) before Hydra runs."""
     if LAUNCH_TIME_ENV in os.environ:
@@ -54,7 +65,7 @@ def share_launch_time() -> str:
         from accelerate import PartialState
         from accelerate.utils import broadcast_object_list
 
-        PartialState()  # initialises the process group from the launcher's environment
+        PartialState(cpu=cpu_processes())  # initialises the process group from the launcher's environment
         shared = [time.strftime(TIME_FORMAT)]
         broadcast_object_list(shared, from_process=0)
         os.environ[LAUNCH_TIME_ENV] = shared[0]
@@ -73,10 +84,23 @@ def _demo_data(count: int = 8) -> str:
     return str(demo_data_dir())
 
 
+def _resume_or(resume, new_dir):
+    """A resume path that leads nowhere falls back to `new_dir`; the trainer then names the problem."""
+    if not resume:
+        return new_dir
+    from ..training.resume import ResumeError, experiment_dir_of
+
+    try:
+        return experiment_dir_of(resume)
+    except ResumeError:
+        return new_dir
+
+
 def register_resolvers() -> None:
     for name, function in (("hcp.time", lambda fmt=None: launch_time() if not fmt else time.strftime(fmt)),
                            ("hcp.eval", safe_eval),
                            ("hcp.cfgs", _cfgs_dir),
-                           ("hcp.demo_data", _demo_data)):
+                           ("hcp.demo_data", _demo_data),
+                           ("hcp.resume_or", _resume_or)):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, function, use_cache=False)

@@ -6,11 +6,13 @@ Layout inside the experiment dir (HCP-Diffusion's names):
     ckpts/text_encoder-<step>.safetensors    the same for the (first) text encoder
     ckpts/text_encoder_2-<step>.safetensors  SDXL's second text encoder
     ckpts/<word>-<step>.pt                   trained embeddings (see plugins/embeddings.py)
+    ckpts/state-<step>/                      full training state for exact resume (training/resume.py)
 """
 from __future__ import annotations
 
 import os
 import re
+import shutil
 from pathlib import Path
 from typing import Optional
 
@@ -65,3 +67,70 @@ def checkpoint_steps(ckpt_dir: str | os.PathLike, prefix: str = "unet") -> list[
         if match:
             steps.append(int(match.group(1)))
     return sorted(steps)
+
+
+def atomic_folder(path: str | os.PathLike, write_fn) -> Path:
+    """Call `write_fn(temp_dir)` to fill a temporary folder, then rename it onto `path`.
+
+    A kill at any point leaves either the old folder or the new one, never a half-written one
+    (temporary folders start with '.' and are ignored by readers). An existing `path` is replaced.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    old = path.with_name(f".{path.name}.old{os.getpid()}")
+    shutil.rmtree(temp, ignore_errors=True)
+    temp.mkdir()
+    try:
+        write_fn(temp)
+        for entry in temp.iterdir():  # the files are on disk before the folder gets its final name
+            with open(entry, "rb") as handle:
+                os.fsync(handle.fileno())
+        if path.exists():
+            os.replace(path, old)
+        os.replace(temp, path)
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
+_STEP_FILE = re.compile(r"^(?P<name>.+)-(?P<step>\d+)\.(safetensors|pt)$")
+_STATE_DIR = re.compile(r"^state-(?P<step>\d+)$")
+
+
+def saved_steps(ckpt_dir: str | os.PathLike) -> dict[int, list[Path]]:
+    """Every step that has files in `ckpt_dir`: `<name>-<step>.safetensors|.pt`, `state-<step>/`, and the
+    step files one folder down (`ema/unet-<step>.safetensors`). Temporary names (leading '.') are skipped."""
+    found: dict[int, list[Path]] = {}
+    folder = Path(ckpt_dir)
+    if not folder.is_dir():
+        return found
+    entries = list(folder.iterdir())
+    entries += [e for sub in entries if sub.is_dir() and not _STATE_DIR.match(sub.name)
+                and not sub.name.startswith(".") for e in sub.iterdir() if e.is_file()]
+    for entry in entries:
+        if entry.name.startswith("."):
+            continue
+        match = _STATE_DIR.match(entry.name) if entry.is_dir() else _STEP_FILE.match(entry.name)
+        if match:
+            found.setdefault(int(match.group("step")), []).append(entry)
+    return found
+
+
+def prune_checkpoints(ckpt_dir: str | os.PathLike, keep_last_n: Optional[int]) -> list[int]:
+    """Delete the files of every step but the last `keep_last_n` (checkpoints and states alike).
+
+    Returns the pruned steps. `None` or 0 keeps everything.
+    """
+    if not keep_last_n or keep_last_n < 0:
+        return []
+    steps = saved_steps(ckpt_dir)
+    pruned = sorted(steps)[:-int(keep_last_n)]
+    for step in pruned:
+        for entry in steps[step]:
+            if entry.is_dir():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+    return pruned

@@ -1,21 +1,27 @@
 """Loggers: each is a config-group file under cfgs/logger/, several may run at once.
 
 Every logger takes the experiment dir and implements `info(text)`, `scalars(values, step)`,
-`image(tag, pil_image, step)` and `close()`. Only the main process builds loggers.
+`image(tag, pil_image, step)`, `resumed(step)` and `close()`. Only the main process builds loggers.
+`LossMeter` keeps the loss numbers they report (and is saved with the training state).
 """
 from __future__ import annotations
 
 import logging
 import os
 import sys
+import uuid
 from pathlib import Path
 from typing import Optional
 
 
 class BaseLogger:
-    def __init__(self, exp_dir: str, log_step: int = 10):
+    def __init__(self, exp_dir: str, log_step: int = 10, run_config: Optional[dict] = None):
         self.exp_dir = Path(exp_dir)
         self.log_step = max(1, int(log_step))
+        self.run_config = run_config  # the resolved config (secrets scrubbed), for loggers that record it
+
+    def resumed(self, step: int) -> None:
+        """The run continues from `step` (drop anything a killed run logged after it)."""
 
     def info(self, text: str) -> None:
         pass
@@ -33,8 +39,9 @@ class BaseLogger:
 class ConsoleLogger(BaseLogger):
     """Writes messages and scalar lines to the console (stderr) and to `<exp_dir>/<out_path>`."""
 
-    def __init__(self, exp_dir: str, out_path: str = "train.log", log_step: int = 10, console: bool = True):
-        super().__init__(exp_dir, log_step)
+    def __init__(self, exp_dir: str, out_path: str = "train.log", log_step: int = 10, console: bool = True,
+                 run_config: Optional[dict] = None):
+        super().__init__(exp_dir, log_step, run_config)
         self.logger = logging.getLogger(f"hcpdiff_like.{id(self)}")
         self.logger.setLevel(logging.INFO)
         self.logger.propagate = False
@@ -68,11 +75,18 @@ class ConsoleLogger(BaseLogger):
 class TensorBoardLogger(BaseLogger):
     """Scalars and images to `<exp_dir>/tblog/`."""
 
-    def __init__(self, exp_dir: str, out_dir: str = "tblog", log_step: int = 5):
-        super().__init__(exp_dir, log_step)
+    def __init__(self, exp_dir: str, out_dir: str = "tblog", log_step: int = 5, run_config: Optional[dict] = None):
+        super().__init__(exp_dir, log_step, run_config)
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(log_dir=str(self.exp_dir / out_dir))
+        self.log_dir = str(self.exp_dir / out_dir)
+        self.writer = SummaryWriter(log_dir=self.log_dir)
+
+    def resumed(self, step: int) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer.close()  # purge_step hides events a killed run wrote after the saved state
+        self.writer = SummaryWriter(log_dir=self.log_dir, purge_step=step + 1)
 
     def scalars(self, values: dict, step: int) -> None:
         for key, value in values.items():
@@ -92,18 +106,27 @@ class TensorBoardLogger(BaseLogger):
 
 class WandbLogger(BaseLogger):
     """Weights & Biases. Works offline with WANDB_MODE=offline. The API key is read by wandb from
-    the environment or its own login file, never from our config, so it never lands in cfg.yaml."""
+    the environment or its own login file, never from our config, so it never lands in cfg.yaml.
+    The run id is kept in `<exp_dir>/wandb_run_id`, so a resumed experiment continues the same W&B run."""
+
+    ID_FILE = "wandb_run_id"
 
     def __init__(self, exp_dir: str, project: str = "hcpdiff_like", name: Optional[str] = None,
-                 mode: Optional[str] = None, log_step: int = 10, config: Optional[dict] = None):
-        super().__init__(exp_dir, log_step)
+                 mode: Optional[str] = None, log_step: int = 10, entity: Optional[str] = None,
+                 tags: Optional[list] = None, run_config: Optional[dict] = None):
+        super().__init__(exp_dir, log_step, run_config)
         try:
             import wandb
         except ImportError as error:  # pragma: no cover - depends on the environment
-            raise ImportError("logger=wandb needs the wandb package: pip install 'hcpdiff_like[wandb]'") from error
+            raise ImportError("logger=wandb needs the wandb package: pip install wandb") from error
         self.wandb = wandb
-        self.run = wandb.init(project=project, name=name or self.exp_dir.name, dir=str(self.exp_dir),
-                              mode=mode or os.environ.get("WANDB_MODE"), config=config, reinit=True)
+        id_file = self.exp_dir / self.ID_FILE
+        run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]
+        self.exp_dir.mkdir(parents=True, exist_ok=True)
+        id_file.write_text(run_id)
+        self.run = wandb.init(project=project, entity=entity, name=name or self.exp_dir.name, id=run_id,
+                              resume="allow", dir=str(self.exp_dir), mode=mode or os.environ.get("WANDB_MODE"),
+                              config=run_config, tags=list(tags) if tags else None)
 
     def scalars(self, values: dict, step: int) -> None:
         self.run.log({k: v for k, v in values.items() if isinstance(v, (int, float))}, step=step)
@@ -134,6 +157,38 @@ class LoggerGroup:
         for logger in self.loggers:
             logger.image(tag, image, step)
 
+    def resumed(self, step: int) -> None:
+        for logger in self.loggers:
+            getattr(logger, "resumed", lambda _: None)(step)
+
     def close(self) -> None:
         for logger in self.loggers:
             logger.close()
+
+
+class LossMeter:
+    """Loss bookkeeping: last value, HCP's smoothed curve (EMA 0.93), the run's mean, skipped steps."""
+
+    def __init__(self, smoothing: float = 0.93):
+        self.smoothing = smoothing
+        self.last: Optional[float] = None
+        self.smoothed: Optional[float] = None
+        self.total, self.count, self.skipped = 0.0, 0, 0
+
+    def update(self, loss: float) -> None:
+        self.last = loss
+        self.smoothed = loss if self.smoothed is None else self.smoothing * self.smoothed + (1 - self.smoothing) * loss
+        self.total += loss
+        self.count += 1
+
+    def summary(self) -> dict:
+        return {"final_loss": self.last if self.last is not None else float("nan"),
+                "mean_loss": self.total / self.count if self.count else float("nan"), "skipped_steps": self.skipped}
+
+    def state_dict(self) -> dict:
+        return {"last": self.last, "smoothed": self.smoothed, "total": self.total, "count": self.count,
+                "skipped": self.skipped}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.last, self.smoothed = state["last"], state["smoothed"]
+        self.total, self.count, self.skipped = float(state["total"]), int(state["count"]), int(state["skipped"])

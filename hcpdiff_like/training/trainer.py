@@ -15,6 +15,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from ..config.resolvers import cpu_processes
 from ..data.builder import build_datasets
 from ..infer.training_samples import TrainingSampler
 from ..infer.weighted_captions import conditioner_class
@@ -25,12 +26,14 @@ from ..plugins.attach import attach_plugins
 from ..plugins.embedding_files import write_embedding
 from ..plugins.embeddings import attach_embeddings, load_embedding_dir, trained_word_files
 from ..plugins.lora import lora_metadata, lora_state_dict
-from .checkpoints import BASE_PREFIX, save_safetensors
+from .checkpoints import BASE_PREFIX, prune_checkpoints, save_safetensors
 from .ema import EMA
 from .experiment import ExperimentDir
-from .loggers import LoggerGroup
+from .loggers import LoggerGroup, LossMeter
 from .model_wrapper import DiffusionWrapper
 from .objective import DiffusionObjective
+from .resume import open_streams, restore_training_state, save_training_state
+from .signals import NonFiniteGuard, StopOnSignal
 from .speed import apply_speed_options, check_speed_options, weight_dtype
 from .text_cache import TextEmbeddingCache
 from .validation import ValidationLoop
@@ -41,6 +44,9 @@ class Trainer:
         self.cfg = cfg
         self.exp_dir_path = exp_dir or cfg.exp_dir
         self.global_step = 0
+        self.loss_meter = LossMeter()  # saved with the training state, so a resumed run reports the whole run
+        self.nonfinite = NonFiniteGuard(cfg.train.get("on_nonfinite") or "stop", Path(self.exp_dir_path) / "ckpts")
+        self.stop_signal = StopOnSignal()
 
     # ------------------------------------------------------------------------------------------
     def setup(self) -> "Trainer":
@@ -49,12 +55,14 @@ class Trainer:
 
         cfg, train = self.cfg, self.cfg.train
         self.accelerator = Accelerator(gradient_accumulation_steps=train.gradient_accumulation_steps,
-                                       mixed_precision=cfg.mixed_precision, cpu=cfg.get("cpu", False),
+                                       mixed_precision=cfg.mixed_precision,
+                                       cpu=cfg.get("cpu", False) or cpu_processes(),  # CPU DDP: gloo
                                        step_scheduler_with_optimizer=False)
         set_seed(cfg.seed + self.accelerator.process_index)
         self.exp = ExperimentDir(self.exp_dir_path, is_main=self.accelerator.is_main_process)
         self.exp.write_config(cfg)
-        self.loggers = LoggerGroup(self.exp.build_loggers(cfg.get("logger")) if self.exp.is_main else [])
+        self.loggers = LoggerGroup(self.exp.build_loggers(cfg.get("logger"), self.exp.public_config(cfg))
+                                   if self.exp.is_main else [])
 
         # Data first: a bad dataset stops the run before any model loads.
         self.datasets = build_datasets(cfg.data, seed=cfg.seed, num_processes=self.accelerator.num_processes,
@@ -190,6 +198,12 @@ class Trainer:
                     loss = self.diffusion_loss(batch) * handle.loss_weight  # prior preservation: class data
                     self.accelerator.backward(loss)
                     total += loss.detach().item()
+                if self.nonfinite.skip_update(total, self.global_step + 1, self.accelerator):  # on_nonfinite=skip
+                    for optimizer in self.optimizers:
+                        optimizer.zero_grad(set_to_none=True)
+                    for lr_scheduler in self.lr_schedulers:
+                        lr_scheduler.step()
+                    return float("nan")
                 if self.accelerator.sync_gradients:
                     self.optimizer_step()
         return total / len(micro_steps)
@@ -227,38 +241,48 @@ class Trainer:
         from tqdm.auto import tqdm
 
         train = self.cfg.train
-        streams = [iter(d.forever()) for d in self.datasets]
+        resumed_rng = restore_training_state(self, train.resume) if train.get("resume") else None
+        streams = open_streams(self.datasets, resumed_rng)  # data order and RNG continue where the state left
+        self.stop_signal.install()  # SIGINT/SIGTERM: finish the current step, save, stop (training/signals.py)
         progress = tqdm(total=train.train_steps, initial=self.global_step, desc="train", unit="step",
                         disable=not self.accelerator.is_main_process, dynamic_ncols=True)
-        losses, smoothed, started = [], None, time.time()
-        self.validator.maybe_validate(self.global_step, self)  # baseline before the first step
-        self.sampler.maybe_sample(self.global_step, self)  # sample.at_start
+        meter, started = self.loss_meter, time.time()
+        if resumed_rng is None:
+            self.validator.maybe_validate(self.global_step, self)  # baseline before the first step
+            self.sampler.maybe_sample(self.global_step, self)  # sample.at_start
         while self.global_step < train.train_steps:
             loss = self.train_step([[next(s) for s in streams] for _ in range(train.gradient_accumulation_steps)])
-            if not math.isfinite(loss):
-                raise FloatingPointError(f"non-finite loss {loss} at step {self.global_step + 1}; last checkpoint "
-                                         f"kept in {self.exp.ckpt_dir}")
             self.global_step += 1
-            losses.append(loss)
-            smoothed = loss if smoothed is None else 0.93 * smoothed + 0.07 * loss
+            if math.isfinite(loss):
+                meter.update(loss)
+            else:  # train.on_nonfinite=skip dropped this update (stop raises inside train_step)
+                meter.skipped += 1
+                self.loggers.info(f"step {self.global_step}: non-finite loss, update skipped")
+            smoothed = meter.smoothed if meter.smoothed is not None else float("nan")
             lrs = [scheduler.get_last_lr()[0] for scheduler in self.lr_schedulers]
-            progress.set_postfix(loss=f"{smoothed:.4f}", lr=f"{lrs[0]:.2e}")
+            progress.set_postfix(loss=f"{smoothed:.4f}", lr=f"{lrs[0]:.2e}", refresh=False)  # update redraws
             progress.update(1)
             scalars = {"loss": loss, "loss_smoothed": smoothed, "lr": lrs[0]}
             if self.word_groups:  # HCP's LR_model / LR_word
                 scalars["lr_word"] = lrs[-1]
             self.loggers.scalars(scalars, self.global_step)
-            if self.global_step % train.save_step == 0 and self.global_step < train.train_steps:
-                self.save_checkpoint(self.global_step)
             self.validator.maybe_validate(self.global_step, self)
             self.sampler.maybe_sample(self.global_step, self)  # every sample.every_n_steps
-            if self.validator.should_stop:  # validation.early_stop_patience
+            # per-step hooks go above: the training state saved below must include what they did
+            stop = self.stop_signal.should_stop(self.accelerator)
+            if stop or (self.global_step % train.save_step == 0 and self.global_step < train.train_steps):
+                self.save_checkpoint(self.global_step)
+            if stop or self.validator.should_stop:  # a signal / validation.early_stop_patience
                 break
         progress.close()
-        self.save_checkpoint(self.global_step)
-        summary = {"final_loss": losses[-1] if losses else float("nan"),
-                   "mean_loss": sum(losses) / max(len(losses), 1), "steps": self.global_step,
-                   "seconds": time.time() - started}
+        self.stop_signal.uninstall()
+        if not self.stop_signal.signal_name:
+            self.save_checkpoint(self.global_step)
+        summary = {**meter.summary(), "steps": self.global_step, "seconds": time.time() - started,
+                   "interrupted": self.stop_signal.signal_name}
+        if self.stop_signal.signal_name:
+            self.loggers.info(f"stopped by {self.stop_signal.signal_name} after step {self.global_step}; checkpoints "
+                              f"and training state saved; continue with train.resume={self.exp.path}")
         self.loggers.info(f"done: {summary}")
         return summary
 
@@ -290,6 +314,10 @@ class Trainer:
             for word_file in trained_word_files(self.bundle, self.trained_words, step):
                 write_embedding(word_file, self.exp.ckpt_dir / f"{word_file.name}-{step}.pt")
             self.loggers.info(f"saved checkpoints for step {step} in {self.exp.ckpt_dir}")
+        if self.cfg.train.get("save_state") or self.stop_signal.signal_name:  # collective: every process
+            save_training_state(self, step)
+        if self.exp.is_main:
+            prune_checkpoints(self.exp.ckpt_dir, self.cfg.train.get("keep_last_n"))
         self.accelerator.wait_for_everyone()
 
     def cleanup(self) -> None:

@@ -1,0 +1,65 @@
+"""Two CPU processes (torchrun, gloo DDP): one experiment dir, only rank 0 writes, identical weights on
+both ranks, and a training state that holds each rank's own RNG."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import torch
+
+from hcpdiff_like.training.checkpoints import load_safetensors
+from hcpdiff_like.training.state_files import read_state
+from subprocess_runs import child_env, only_dir
+
+# The real entry point; after training, every rank writes a hash of its trained parameters.
+HASHING_ENTRY = """
+import hashlib, os, sys
+from hcpdiff_like.training.trainer import Trainer
+
+original_train = Trainer.train
+
+def train_and_hash(self):
+    summary = original_train(self)
+    digest = hashlib.sha256()
+    for param in self.trainable_parameters:
+        digest.update(param.detach().cpu().numpy().tobytes())
+    path = os.path.join(os.environ["HASH_DIR"], f"rank{self.accelerator.process_index}.sha256")
+    with open(path, "w") as handle:
+        handle.write(digest.hexdigest())
+    return summary
+
+Trainer.train = train_and_hash
+from hcpdiff_like.train import main
+sys.argv = ["hcpdiff_like.train", *sys.argv[1:]]
+main()
+"""
+
+
+def test_two_processes_share_one_dir_and_end_identical(tmp_path, tiny_sd1):
+    from hcpdiff_like.data.demo import demo_data_dir
+
+    demo_data_dir()
+    entry, hashes, root = tmp_path / "entry.py", tmp_path / "hashes", tmp_path / "exps"
+    entry.write_text(HASHING_ENTRY)
+    hashes.mkdir()
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(entry),
+               "cfg=demo", "logger=[console]", "train.train_steps=4", "train.save_step=1000", "train.save_state=true",
+               f"model.pretrained_model_name_or_path={tiny_sd1}", f"exp_root={root}"]
+    result = subprocess.run(command, env=child_env(HASH_DIR=str(hashes)), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+
+    exp_dir = only_dir(root)  # one timestamp shared by both ranks
+    rank0, rank1 = (hashes / "rank0.sha256").read_text(), (hashes / "rank1.sha256").read_text()
+    assert rank0 == rank1, "DDP ranks ended with different weights"
+
+    log = (exp_dir / "train.log").read_text()
+    assert "processes: 2, total batch per optimizer step: 4" in log
+    assert log.count("experiment dir:") == 1, "only the main process logs"
+    state, _ = load_safetensors(exp_dir / "ckpts" / "unet-4.safetensors")
+    assert any(t.abs().sum() > 0 for k, t in state.items() if "lora_B" in k)
+
+    saved = read_state(exp_dir / "ckpts" / "state-4")
+    assert saved["num_processes"] == 2 and len(saved["processes"]) == 2
+    rng0, rng1 = (p["rng"]["torch"] for p in saved["processes"])
+    assert not torch.equal(rng0, rng1), "each rank's own RNG state is saved (seed + rank)"
+    assert [p["data"] for p in saved["processes"]][0] == [p["data"] for p in saved["processes"]][1]
