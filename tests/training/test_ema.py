@@ -52,7 +52,7 @@ def test_training_saves_ema_checkpoints_that_load(tmp_path, demo_images, tiny_sd
 
     cfg = compose_config(["cfg=demo", f"data.dataset1.sources.shapes.img_dir={demo_images}", "logger=[console]",
                           "train.train_steps=3", "train.save_step=2", "scheduler=constant",
-                          "+train.ema={decay: 0.5}"])
+                          "train.ema={decay: 0.5}"])
     trainer = Trainer(cfg, exp_dir=str(tmp_path / "exp")).setup()
     assert trainer.ema is not None
     trainer.train()
