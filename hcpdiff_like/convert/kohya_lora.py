@@ -70,19 +70,19 @@ def parse_our_lora(state: dict, metadata: dict, source: str = "") -> OurLora:
 
 
 def read_our_lora(path: str | os.PathLike) -> OurLora:
-    state, metadata = _read_safetensors(path)
+    state, metadata = read_lora_safetensors(path)
     return parse_our_lora(state, metadata, str(path))
 
 
 def read_kohya_lora(path: str | os.PathLike) -> tuple[dict, dict]:
-    state, metadata = _read_safetensors(path)
+    state, metadata = read_lora_safetensors(path)
     if not looks_like_kohya(state):
         hint = " (it is one of ours; use --to_webui)" if METADATA_KEY in metadata else ""
         raise LoraFormatError(f"{path} is not a kohya/webui LoRA file: no lora_unet_* / lora_te*_ keys{hint}")
     return state, metadata
 
 
-def _read_safetensors(path) -> tuple[dict, dict]:
+def read_lora_safetensors(path) -> tuple[dict, dict]:
     path = str(path)
     if not path.endswith(".safetensors"):
         raise LoraFormatError(f"{path}: LoRA files must be .safetensors (pickled .pt/.ckpt files are not read)")

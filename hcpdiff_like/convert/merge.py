@@ -18,8 +18,8 @@ from tqdm.auto import tqdm
 
 from ..plugins.lora import load_lora_into
 from ..training.checkpoints import BASE_PREFIX
-from .kohya_lora import (LoraFormatError, OurLora, _read_safetensors, kohya_to_ours, looks_like_kohya,
-                         model_module_names, parse_our_lora)
+from .kohya_lora import (LoraFormatError, OurLora, kohya_to_ours, looks_like_kohya, model_module_names,
+                         parse_our_lora, read_lora_safetensors)
 from .kohya_names import UnetLayout
 
 TARGET_ATTRS = {"unet": "unet", "text_encoder": "text_encoder", "text_encoder_2": "text_encoder_2"}
@@ -31,7 +31,7 @@ def _models(bundle) -> dict[str, torch.nn.Module]:
 
 def read_any_lora(path: str | os.PathLike, bundle) -> list[OurLora]:
     """Our per-model file or a kohya/webui file (converted in memory), checked against `bundle`."""
-    state, metadata = _read_safetensors(path)
+    state, metadata = read_lora_safetensors(path)
     if looks_like_kohya(state):
         sgm = UnetLayout.from_config(bundle.unet.config) if bundle.family == "sdxl" else None
         loras = list(kohya_to_ours(state, metadata, family=bundle.family, sgm_layout=sgm, source=str(path),

@@ -25,8 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
     direction = parser.add_mutually_exclusive_group(required=True)
     direction.add_argument("--to_webui", action="store_true", help="ours -> kohya/webui (one file)")
     direction.add_argument("--from_webui", action="store_true", help="kohya/webui -> ours (one file per model)")
-    parser.add_argument("--lora_path", required=True,
-                        help="--to_webui: our UNet LoRA file; --from_webui: the kohya/webui file")
+    parser.add_argument("--lora_path", default=None,
+                        help="--to_webui: our UNet LoRA file; --from_webui: the kohya/webui file (required)")
     parser.add_argument("--lora_path_TE", default=None, help="--to_webui: our (first) text-encoder LoRA file")
     parser.add_argument("--lora_path_TE2", default=None, help="--to_webui: our SDXL second text-encoder LoRA file")
     parser.add_argument("--dump_path", required=True,
@@ -68,6 +68,8 @@ def to_webui(args) -> list[Path]:
         raise FileExistsError(f"{dump} already exists (pass --overwrite to replace it)")
     slots = [("--lora_path", args.lora_path, "unet"), ("--lora_path_TE", args.lora_path_TE, "text_encoder"),
              ("--lora_path_TE2", args.lora_path_TE2, "text_encoder_2")]
+    if not any(path for _, path, _ in slots):
+        raise LoraFormatError("--to_webui needs at least one of --lora_path, --lora_path_TE, --lora_path_TE2")
     loras = []
     for flag, path, target in slots:
         if path is None:
@@ -98,6 +100,8 @@ def from_webui(args) -> list[Path]:
     from ..convert.kohya_lora import LoraFormatError, kohya_family, kohya_to_ours, read_kohya_lora
     from ..training.checkpoints import save_safetensors
 
+    if not args.lora_path:
+        raise LoraFormatError("--from_webui needs --lora_path (the kohya/webui file)")
     state, metadata = read_kohya_lora(args.lora_path)
     model_family, layout, known = _model_info(args.model)
     found = kohya_family(state, metadata)
