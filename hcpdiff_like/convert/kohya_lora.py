@@ -34,6 +34,10 @@ UNSUPPORTED_SUFFIXES = {"hada_w1_a": "LoHa", "hada_w1_b": "LoHa", "lokr_w1": "Lo
                         "lokr_w2": "LoKr", "lokr_w2_a": "LoKr", "dora_scale": "DoRA", "lora_mid.weight":
                         "LoCon CP/Tucker", "diff": "full-weight diff", "diff_b": "full-weight diff",
                         "on_input": "IA3", "oft_blocks": "OFT"}
+# first parts of the layer names of a diffusers UNet / transformers CLIP text encoder
+KNOWN_ROOTS = (("down_blocks.", "mid_block.", "up_blocks.", "conv_in", "conv_out", "conv_norm_out", "time_embedding.",
+                "add_embedding.", "class_embedding.", "encoder_hid_proj"),
+               ("text_model.", "encoder.", "embeddings.", "final_layer_norm", "text_projection"))
 BASE_MODEL_VERSIONS = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
 MODELSPEC_ARCH = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-512", "sdxl": "stable-diffusion-xl-v1-base"}
 
@@ -250,6 +254,9 @@ def kohya_to_ours(kohya: dict, metadata: dict, family: Optional[str] = None,
             raise LoraFormatError(f"{source}: key {name}: {error}") from error
         if target == "text_encoder_2" and family != "sdxl":
             raise LoraFormatError(f"{source}: key {name} is for SDXL's second text encoder, but family is {family}")
+        if known_modules is None and not module.startswith(KNOWN_ROOTS[target != "unet"]):
+            raise LoraFormatError(f"{source}: key {name} -> {target} layer {module!r} is no SD1/SD2/SDXL layer "
+                                  "(a LoRA for another architecture, e.g. SD3 or FLUX?)")
         if known_modules is not None and module not in known_modules.get(target, ()):
             raise LoraFormatError(f"{source}: key {name} -> {target} layer {module!r}, which the model does not "
                                   "have (a LoRA for another model family or architecture?)")

@@ -112,6 +112,10 @@ def test_wrong_inputs_fail_clearly(sd1_files, sdxl_files, tmp_path):
         kohya_to_ours({"lora_unet_down_blocks_9_attentions_0_proj_in.lora_down.weight": torch.zeros(2, 4),
                        "lora_unet_down_blocks_9_attentions_0_proj_in.lora_up.weight": torch.zeros(4, 2)}, {},
                       known_modules={"unet": {"down_blocks.0.attentions.0.proj_in"}})
+    flux = {"lora_unet_double_blocks_0_img_attn_proj.lora_down.weight": torch.zeros(2, 4),
+            "lora_unet_double_blocks_0_img_attn_proj.lora_up.weight": torch.zeros(4, 2)}
+    with pytest.raises(LoraFormatError, match="no SD1/SD2/SDXL layer"):
+        kohya_to_ours(flux, {})
     with_full = dict(unet.state, **{"base.conv_in.weight": torch.zeros(1)})
     with pytest.raises(LoraFormatError, match="fully trained weights"):
         ours_to_kohya([type(unet)(unet.target, unet.family, with_full, unet.metadata, unet.info, "x")])
