@@ -13,7 +13,7 @@ from hcpdiff_like.config.launcher import compose_config
 from hcpdiff_like.infer.records import read_record
 from hcpdiff_like.visualizer import CFG_GROUP, CONFIG_NAME, VisualizerConfigError, quote_free_text, run_visualizer
 
-FAST = ["infer_args.width=32", "infer_args.height=32", "infer_args.num_inference_steps=2", "dtype=fp32",
+FAST = ["infer_args.width=16", "infer_args.height=16", "infer_args.num_inference_steps=2", "dtype=fp32",
         "device=cpu", "emb_dir=null"]
 
 
@@ -146,9 +146,8 @@ def test_cfg_picks_from_cfgs_infer_and_prompts_need_no_quoting():
     assert quote_free_text(["prompt=it's"]) == ["prompt='it\\'s'"]
 
 
-def test_sdxl_and_sd2_generate_at_the_asked_size(tiny_sdxl, tiny_sd2, tmp_path):
-    for model in (tiny_sdxl, tiny_sd2):
-        written = visualize(f"pretrained_model={model}", "prompt=a (cat:1.3)", "seed=1", "infer_args.height=48",
-                            "sampler=dpm++_2m_karras", f"output_dir={tmp_path / model.name}")
-        with Image.open(written[0]) as image:
-            assert image.size == (32, 48)
+def test_sdxl_generates_at_the_asked_size(tiny_sdxl, tmp_path):
+    written = visualize(f"pretrained_model={tiny_sdxl}", "prompt=a (cat:1.3)", "seed=1", "infer_args.height=24",
+                        "sampler=dpm++_2m_karras", f"output_dir={tmp_path}")
+    with Image.open(written[0]) as image:
+        assert image.size == (16, 24)

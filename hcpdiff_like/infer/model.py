@@ -105,7 +105,8 @@ def _load_embeddings(bundle, conditioner, emb_dir: Optional[str], ckpt_dir: Opti
     if emb_dir and Path(os.path.expanduser(str(emb_dir))).is_dir():
         files.extend(load_embedding_dir(emb_dir))
     if ckpt_dir is not None and step is not None:
-        files.extend(read_embedding(p) for p in _word_files(ckpt_dir, step))
+        names = {f.name for f in files}  # emb_dir may be the ckpts folder itself
+        files.extend(read_embedding(p) for p in _word_files(ckpt_dir, step) if p.stem not in names)
     if files:
         attach_embeddings(bundle, conditioner, files)
     return [f.name for f in files]

@@ -63,10 +63,10 @@ def test_tiny_run_writes_a_sample_grid_per_step(tmp_path, demo_images):
     from hcpdiff_like.training.trainer import Trainer
 
     prompts = tmp_path / "prompts.txt"
-    prompts.write_text("a red circle --w 32 --h 32 --s 2\n(blue:1.3) square --w 32 --h 32 --s 2 --d 5 --ss euler_a\n")
+    prompts.write_text("a red circle --w 16 --h 16 --s 2\n(blue:1.3) square --w 16 --h 16 --s 2 --d 5 --ss euler_a\n")
     cfg = compose_config(["cfg=demo", f"data.dataset1.sources.shapes.img_dir={demo_images}", "logger=[console]",
-                          "train.train_steps=2", "train.save_step=1000", "validation.every_n_steps=0",
-                          "sample.every_n_steps=1", f"sample.prompts={prompts}", "model.weighted_captions=true"])
+                          "train.train_steps=1", "train.save_step=1000", "validation.every_n_steps=0",
+                          "sample.every_n_steps=1", "sample.at_start=true", f"sample.prompts={prompts}", "model.weighted_captions=true"])
     trainer = Trainer(cfg, exp_dir=str(tmp_path / "exp")).setup()
     logged = []
     trainer.bundle.unet.train()
@@ -76,11 +76,11 @@ def test_tiny_run_writes_a_sample_grid_per_step(tmp_path, demo_images):
     finally:
         trainer.cleanup()
     grids = sorted((tmp_path / "exp" / "samples").glob("grid-*.png"))
-    assert [g.name for g in grids] == ["grid-1.png", "grid-2.png"]
+    assert [g.name for g in grids] == ["grid-0.png", "grid-1.png"]  # at_start, then every step
     with Image.open(grids[0]) as grid:
-        assert grid.size == (64, 32)  # two 32x32 samples side by side
+        assert grid.size == (32, 16)  # two 16x16 samples side by side
         record = yaml.safe_load(grid.text["hcpdiff_like.samples"])
-    assert record["step"] == 1 and [p["seed"] for p in record["prompts"]] == [0, 5]
-    assert logged == [("samples", (64, 32), 1), ("samples", (64, 32), 2)]
+    assert record["step"] == 0 and [p["seed"] for p in record["prompts"]] == [0, 5]
+    assert logged == [("samples", (32, 16), 0), ("samples", (32, 16), 1)]
     assert trainer.bundle.unet.training  # sampling ran in eval mode, then restored the mode
     assert isinstance(trainer.accelerator.unwrap_model(trainer.model).conditioner, WeightedTextConditioner)

@@ -52,11 +52,11 @@ def two_step_run(tiny_sd1, tmp_path_factory):
 
 def test_scores_every_checkpoint_and_plots(two_step_run, tiny_clip, demo_images, tmp_path):
     prompts = tmp_path / "prompts.txt"
-    prompts.write_text("a (red:1.2) circle at step {step} --d 3\nblue square\n")
+    prompts.write_text("a (red:1.2) circle at step {step} --d 3\n")
     out = tmp_path / "eval"
     report = main([str(two_step_run), "--clip_model", str(tiny_clip), "--prompts", str(prompts),
-                   "--training_images", str(demo_images), "--baseline", "--out_dir", str(out), "--width", "32",
-                   "--height", "32", "--num_inference_steps", "2", "--dtype", "fp32", "--device", "cpu"])
+                   "--training_images", str(demo_images), "--baseline", "--out_dir", str(out), "--width", "16",
+                   "--height", "16", "--num_inference_steps", "2", "--images_per_prompt", "2", "--dtype", "fp32", "--device", "cpu"])
     saved = json.loads((out / "scores.json").read_text())
     assert saved == json.loads(json.dumps(report))
     assert [r["step"] for r in saved["steps"]] == [0, 2, 4]
@@ -71,7 +71,7 @@ def test_scores_every_checkpoint_and_plots(two_step_run, tiny_clip, demo_images,
     images = [Image.open(p).convert("RGB") for p in entry["images"]]
     training = [Image.open(p).convert("RGB") for p in sorted(demo_images.glob("*.png"))]
     with torch.no_grad():
-        inputs = processor(text=["a red circle at step 4", "blue square"], images=images + training,
+        inputs = processor(text=["a red circle at step 4"] * 2, images=images + training,
                            return_tensors="pt", padding=True)
         output = model(**inputs)
     image_embeds, text_embeds = output.image_embeds, output.text_embeds  # unit length
