@@ -321,5 +321,6 @@ class Trainer:
         self.accelerator.wait_for_everyone()
 
     def cleanup(self) -> None:
+        self.stop_signal.uninstall()  # also after an error inside train()
         self.loggers.close()
         self.accelerator.end_training()

@@ -23,7 +23,8 @@ def common(tiny_sd1):
 
 def test_sigkill_then_resume_is_bit_identical(tmp_path, common):
     straight_root, killed_root = tmp_path / "straight", tmp_path / "killed"
-    straight = start(train_command(*common, f"exp_root={straight_root}"), tmp_path / "straight.log")
+    straight = start(train_command(*common, f"exp_root={straight_root}", "train.keep_last_n=2"),
+                     tmp_path / "straight.log")
     killed = start(slow_train_command(*common, f"exp_root={killed_root}"), tmp_path / "killed.log",
                    SLOW_AFTER_STEP="3", SLOW_SECONDS="2")
 
@@ -46,6 +47,8 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path, common):
     straight_output = finish(straight, tmp_path / "straight.log")
     assert straight.returncode == 0, straight_output[-3000:]
     reference = only_dir(straight_root)
+    assert sorted(p.name for p in (reference / "ckpts").iterdir()) == [  # train.keep_last_n=2 pruned step 3
+        "state-6", "state-8", "unet-6.safetensors", "unet-8.safetensors"]
     for step in (6, 8):
         expected, _ = load_safetensors(reference / "ckpts" / f"unet-{step}.safetensors")
         got, _ = load_safetensors(exp_dir / "ckpts" / f"unet-{step}.safetensors")
@@ -63,7 +66,8 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path, common):
 def test_resume_errors_are_clear(tmp_path, run_train):
     empty = tmp_path / "not_a_run"
     empty.mkdir()
-    with pytest.raises(Exception, match="no saved training state"):
+    with pytest.raises(SystemExit, match="no saved training state"):
         run_train("cfg=demo", "logger=[console]", f"train.resume={empty}")
-    with pytest.raises(Exception, match="no such folder"):
+    with pytest.raises(SystemExit, match="no such folder"):
         run_train("cfg=demo", "logger=[console]", f"train.resume={tmp_path / 'missing'}")
+    assert not list((tmp_path / "exps").iterdir()), "no empty experiment dir is left behind"
