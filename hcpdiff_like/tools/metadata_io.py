@@ -12,8 +12,6 @@ import json
 import os
 from pathlib import Path
 
-from ..training.checkpoints import atomic_write
-
 
 class MetadataError(ValueError):
     """A metadata file that is missing, not JSON, or not {key: {field: value}}; names the file."""
@@ -51,6 +49,8 @@ def check_writable(path: str | os.PathLike, overwrite: bool) -> Path:
 
 def write_metadata(data: dict[str, dict], path: str | os.PathLike, overwrite: bool = False) -> Path:
     """Write UTF-8 JSON (indent 2, non-ASCII kept) to a temporary name, then rename onto `path`."""
+    from ..training.checkpoints import atomic_write
+
     path = check_writable(path, overwrite)
     text = json.dumps(data, indent=2, ensure_ascii=False) + "\n"
     return atomic_write(path, lambda temp: Path(temp).write_text(text, encoding="utf-8"))

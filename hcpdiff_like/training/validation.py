@@ -59,19 +59,12 @@ class ValidationSet:
     handle: object = None           # the training dataset the records were split from, if any
 
     def loader(self):
-        if self.handle is not None and hasattr(self.handle, "eval_loader"):  # that dataset's buckets
+        """The data pipeline's deterministic batches (training resize/crop and buckets, masks, no random ops)."""
+        if self.handle is not None:
             return self.handle.eval_loader(batch_size=self.batch_size, records=self.records)
-        try:  # the data pipeline's own helper, when present, knows buckets and masks
-            from ..data.dataset import make_eval_loader
-        except ImportError:
-            make_eval_loader = None
-        if make_eval_loader is not None:
-            return make_eval_loader(self.records, self.resolution, self.batch_size)
-        from ..data.dataset import FixedSizeDataset, collate
+        from ..data.dataset import make_eval_loader
 
-        dataset = FixedSizeDataset(self.records, resolution=self.resolution, flip=False, random_crop=False)
-        return torch.utils.data.DataLoader(dataset, batch_size=self.batch_size, shuffle=False, collate_fn=collate,
-                                           generator=torch.Generator().manual_seed(0))
+        return make_eval_loader(self.records, self.resolution, self.batch_size)
 
 
 @contextlib.contextmanager
@@ -113,11 +106,7 @@ def build_validation_sets(val_cfg, data_cfg, datasets) -> list[ValidationSet]:
     sets = []
     for handle in datasets:
         ds_cfg = data_cfg.get(handle.name) if data_cfg is not None else None
-        split = float(ds_cfg.get("validation_split") or 0.0) if ds_cfg is not None else 0.0
-        records = list(getattr(handle, "validation_records", None) or [])
-        if split > 0 and not hasattr(handle, "validation_records"):
-            raise ValidationConfigError(f"data.{handle.name}.validation_split is set but this data pipeline does "
-                                        "not hold out records; use validation.sources instead")
+        records = list(getattr(handle, "validation_records", None) or [])  # data.<ds>.validation_split
         if records:
             sets.append(ValidationSet(handle.name, records, _resolution_of(ds_cfg), batch_size, handle))
     default_resolution = val_cfg.get("resolution") or (
@@ -251,8 +240,8 @@ class ValidationLoop:
     @torch.no_grad()
     def evaluate(self, trainer) -> dict[str, float]:
         """Mean loss per validation set at the fixed timesteps with fixed noise; training RNG untouched."""
-        accelerator, scheduler = trainer.accelerator, trainer.bundle.noise_scheduler
-        steps_total = scheduler.config.num_train_timesteps
+        accelerator, objective = trainer.accelerator, trainer.objective
+        steps_total = objective.noise_scheduler.config.num_train_timesteps
         bad = [t for t in self.timesteps if not 0 <= t < steps_total]
         if bad:
             raise ValidationConfigError(f"validation.timesteps {bad} outside [0, {steps_total})")
@@ -269,10 +258,10 @@ class ValidationLoop:
                     for t in self.timesteps:
                         noise = torch.randn(latents.shape, generator=generator).to(device)
                         timesteps = torch.full((latents.shape[0],), t, dtype=torch.long, device=device)
-                        noisy = scheduler.add_noise(latents, noise, timesteps)
+                        noisy = objective.add_noise(latents, noise, timesteps)  # plain N(0, 1) noise
                         with accelerator.autocast():
                             prediction = model(noisy, timesteps, entry["captions"], size_info)
-                        target = trainer.objective.target(latents, noise, timesteps)
+                        target = objective.target(latents, noise, timesteps)
                         error = F.mse_loss(prediction.float(), target.float(), reduction="none")
                         loss_sum += float(self._per_sample(error, entry["mask"]).sum())
                         count += latents.shape[0]
