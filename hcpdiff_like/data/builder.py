@@ -32,7 +32,7 @@ from .dataset import BucketDataset, collate
 from .images import DEFAULT_MAX_PIXELS, ImageInfo, describe_problems, scan_images
 from .sampler import BucketBatchSampler
 from .stats import dataset_summary
-from .sources import ImageRecord
+from .sources import ImageRecord, SourceError
 
 logger = logging.getLogger("hcpdiff_like.data")
 
@@ -109,8 +109,10 @@ def _instantiate_source(name: str, source_name: str, source_cfg):
         return instantiate(source_cfg)
     except InstantiationException as error:
         cause = error.__cause__
-        if cause is not None and not isinstance(cause, TypeError):
-            raise cause from None  # SourceError, FileNotFoundError, ValueError: already clear
+        if isinstance(cause, (SourceError, FileNotFoundError)):
+            raise cause from None  # already names the folder or file
+        if isinstance(cause, ValueError):
+            raise DataConfigError(f"{path}: {cause}") from None
         message = str(cause or error)
         unknown = message.split("unexpected keyword argument")[-1].strip(" '\"") \
             if "unexpected keyword argument" in message else None
@@ -237,8 +239,9 @@ def _make_handle(name, ds_cfg, sources, records, held_out, seed, num_processes, 
     batch_size = int(ds_cfg.get("batch_size", 1))
     sampler = BucketBatchSampler([bucket_ids[a.bucket] for a in assignments], [r.repeat for r in records],
                                  batch_size, seed=seed, num_processes=num_processes, process_index=process_index)
+    # persistent workers: no worker start-up each epoch; the epoch plan is still drawn in the main process
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=workers,
-                                         persistent_workers=False)
+                                         persistent_workers=workers > 0)
     return DatasetHandle(name, dataset, loader, float(ds_cfg.get("loss_weight", 1.0)), batch_size,
                          validation_records=held_out, buckets=buckets, sources=sources, cache_mode=cache_mode,
                          cache_dir=ds_cfg.get("latent_cache_dir"))

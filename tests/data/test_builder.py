@@ -129,6 +129,10 @@ def test_unknown_keys_are_named(mixed_folder):
         build(data_cfg(mixed_folder, enable_buckets=True))
     with pytest.raises(DataConfigError, match="data.ds.sources.s.shufle_tags.*shuffle_tags"):
         build(data_cfg(mixed_folder, source={"shufle_tags": True}))
+    with pytest.raises(DataConfigError, match="data.ds.sources.s: tag_dropout must be within"):
+        build(data_cfg(mixed_folder, source={"tag_dropout": 2}))
+    with pytest.raises(DataConfigError, match="cache_latents must be"):
+        build(data_cfg(mixed_folder, cache_latents="gpu"))
 
 
 def test_start_up_validation_names_dataset_key_typos():

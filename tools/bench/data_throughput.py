@@ -1,6 +1,6 @@
 """Data loading throughput: can the loader keep the GPU fed?
 
-    python tools/bench/data_throughput.py                                  # 96 synthetic JPEGs, 512 buckets
+    python tools/bench/data_throughput.py                                  # 48 synthetic JPEGs, 512 buckets
     python tools/bench/data_throughput.py --data-dir /data/my_images --resolution 768 --workers 0 4 8
     python tools/bench/data_throughput.py --images 6 --batches 2 --resolution 64 --workers 0 1   # smoke run
 
@@ -10,6 +10,7 @@ Reports (printed as a table and written as JSON with --out):
   - latent-cache build time (memory and disk; VAE of --model, tiny SD1 by default) and the throughput of a
     loader that reads the cache instead of decoding,
   - peak resident memory of this process and of its worker processes.
+The cache is encoded on the GPU when there is one (on a CPU it is slow: minutes at 512 px).
 Figures depend on the machine; nothing here is asserted.
 """
 from __future__ import annotations
@@ -142,7 +143,7 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", help="a folder of images with .txt captions (default: synthetic)")
-    parser.add_argument("--images", type=int, default=96, help="synthetic images to write")
+    parser.add_argument("--images", type=int, default=48, help="synthetic images to write")
     parser.add_argument("--resolution", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--batches", type=int, default=20, help="batches timed per measurement")
