@@ -38,6 +38,7 @@ from omegaconf import DictConfig, OmegaConf
 from ..config.validation import ConfigError
 from ..models.conditioning import sdxl_size_info
 from .checkpoints import atomic_write, save_safetensors
+from .objective import latent_loss_mask
 
 CSV_NAME = "validation.csv"
 PLOT_NAME = "validation.png"
@@ -177,8 +178,8 @@ class ValidationLoop:
         losses = self.evaluate(trainer)
         improved = self.record(step, losses)
         overall = self.history[-1]["val_loss"]
-        trainer.loggers.scalars({"val_loss": overall, **{f"val_loss/{k}": v for k, v in losses.items()}}, step,
-                                force=True)
+        per_set = {f"val_loss/{name}": value for name, value in losses.items()} if len(losses) > 1 else {}
+        trainer.loggers.scalars({"val_loss": overall, **per_set}, step, force=True)
         if self.is_main:
             self.write_csv()
             if self.plot:
@@ -232,7 +233,7 @@ class ValidationLoop:
                 entry["size_info"] = sdxl_size_info(batch["original_size"], batch["crop_top_left"],
                                                     batch["target_size"])
             if batch.get("loss_mask") is not None:
-                entry["mask"] = F.interpolate(batch["loss_mask"].float(), size=latents.shape[-2:], mode="area")
+                entry["mask"] = latent_loss_mask(batch["loss_mask"], latents.shape[-2:])
             cached.append(entry)
         self._cached_batches[vset.name] = cached
         return cached

@@ -57,8 +57,10 @@ def test_preset_composes_and_sets_what_it_claims(name, images):
 
 def test_presets_train_two_steps_with_their_captions_flip_rank_and_masks(tmp_path, images):
     folder, masks = images
+    source = "hcpdiff_like.data.sources.ImageCaptionSource"
+    extra_source = f"+validation.sources.extra={{_target_:{source},img_dir:'{folder}'}}"
     runs = {"style": ["data.dataset1.validation_split=0.25", "validation.every_n_steps=1",
-                      "validation.timesteps=[500]"],
+                      "validation.timesteps=[500]", extra_source],
             "object": ["validation.every_n_steps=0"],
             "face": [f"mask_dir={masks}", "validation.every_n_steps=0"]}
     for name, extra in runs.items():
@@ -80,6 +82,10 @@ def test_presets_train_two_steps_with_their_captions_flip_rank_and_masks(tmp_pat
         state, _ = load_safetensors(tmp_path / name / "ckpts" / "unet-2.safetensors")
         ranks = {tensor.shape[0] for key, tensor in state.items() if key.endswith("lora_A.weight")}
         assert ranks == {rank}
-    # style held out a quarter of the images and validated on them at steps 0, 1, 2
+    # style held out 1 of its 4 images and validated on it and on the extra folder (4 images) at steps 0, 1, 2;
+    # val_loss is the mean over all 5 images
     rows = list(csv.DictReader((tmp_path / "style" / "validation.csv").open()))
-    assert [int(r["step"]) for r in rows] == [0, 1, 2] and all(float(r["val_loss"]) > 0 for r in rows)
+    assert [int(r["step"]) for r in rows] == [0, 1, 2]
+    for row in rows:
+        expected = (float(row["dataset1"]) * 1 + float(row["extra"]) * 4) / 5
+        assert float(row["val_loss"]) == pytest.approx(expected, rel=1e-6) and expected > 0
