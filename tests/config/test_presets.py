@@ -89,3 +89,8 @@ def test_presets_train_two_steps_with_their_captions_flip_rank_and_masks(tmp_pat
     for row in rows:
         expected = (float(row["dataset1"]) * 1 + float(row["extra"]) * 4) / 5
         assert float(row["val_loss"]) == pytest.approx(expected, rel=1e-6) and expected > 0
+
+
+def test_missing_trigger_word_is_one_clear_line_from_the_entry_point(run_train, images):
+    with pytest.raises(SystemExit, match="required config value.*concept_name"):
+        run_train("cfg=preset/face", "model=tiny_sd1", f"dataset_dir={images[0]}")
