@@ -65,7 +65,7 @@ def test_tiny_run_writes_a_sample_grid_per_step(tmp_path, demo_images):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle --w 16 --h 16 --s 2\n(blue:1.3) square --w 16 --h 16 --s 2 --d 5 --ss euler_a\n")
     cfg = compose_config(["cfg=demo", f"data.dataset1.sources.shapes.img_dir={demo_images}", "logger=[console]",
-                          "train.train_steps=1", "train.save_step=1000", "validation.every_n_steps=0",
+                          "train.train_steps=1", "scheduler=constant", "train.lr=0.01", "train.save_step=1000", "validation.every_n_steps=0",
                           "sample.every_n_steps=1", "sample.at_start=true", f"sample.prompts={prompts}", "model.weighted_captions=true"])
     trainer = Trainer(cfg, exp_dir=str(tmp_path / "exp")).setup()
     logged = []
@@ -84,3 +84,20 @@ def test_tiny_run_writes_a_sample_grid_per_step(tmp_path, demo_images):
     assert logged == [("samples", (32, 16), 0), ("samples", (32, 16), 1)]
     assert trainer.bundle.unet.training  # sampling ran in eval mode, then restored the mode
     assert isinstance(trainer.accelerator.unwrap_model(trainer.model).conditioner, WeightedTextConditioner)
+
+    # the run's checkpoint, merged by the visualizer's loader at alpha 1, reproduces the trained UNet (not the base)
+    import torch
+
+    from hcpdiff_like.infer.model import load_inference_model
+
+    merged = load_inference_model(cfg.model.pretrained_model_name_or_path, exp_dir=str(tmp_path / "exp"), step=1,
+                                  merge_alpha=1.0, device="cpu", dtype="fp32")
+    torch.manual_seed(0)
+    latents, hidden = torch.randn(1, 4, 8, 8), torch.randn(1, 77, 32)
+    trainer.bundle.unet.eval()
+    with torch.no_grad():
+        expected = trainer.bundle.unet(latents, 300, encoder_hidden_states=hidden).sample
+        got = merged.bundle.unet(latents, 300, encoder_hidden_states=hidden).sample
+        base = load_inference_model(cfg.model.pretrained_model_name_or_path, device="cpu", dtype="fp32")
+        untrained = base.bundle.unet(latents, 300, encoder_hidden_states=hidden).sample
+    assert (expected - untrained).abs().max() > 100 * (got - expected).abs().max()
