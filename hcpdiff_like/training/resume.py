@@ -174,8 +174,8 @@ def restore_training_state(trainer, resume: str | Path) -> dict:
         scaler.load_state_dict(state["grad_scaler"])
     extras = _extra_parts(trainer)
     for name, saved in state["extras"].items():
-        if name in extras:
-            extras[name].load_state_dict(saved)
+        if name in extras:  # their tensors (EMA shadow weights) live on the training device
+            extras[name].load_state_dict(_to_device(saved, accelerator.device))
         else:
             trainer.loggers.info(f"warning: the saved state has '{name}', this run has no such part")
     mine = state["processes"][accelerator.process_index]
@@ -190,6 +190,18 @@ def restore_training_state(trainer, resume: str | Path) -> dict:
         trainer.loggers.resumed(trainer.global_step)
         trainer.loggers.info(f"resumed from {folder} at step {trainer.global_step} (saved {state['saved_at']})")
     return mine["rng"]
+
+
+def _to_device(value: Any, device) -> Any:
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, dict):
+        return {k: _to_device(v, device) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_device(v, device) for v in value)
+    return value
 
 
 def _zip_checked(live: list, saved: list, what: str, folder: Path):

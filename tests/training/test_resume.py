@@ -71,3 +71,36 @@ def test_resume_errors_are_clear(tmp_path, run_train):
     with pytest.raises(SystemExit, match="no such folder"):
         run_train("cfg=demo", "logger=[console]", f"train.resume={tmp_path / 'missing'}")
     assert not list((tmp_path / "exps").iterdir()), "no empty experiment dir is left behind"
+
+
+def test_every_stateful_part_is_restored(tmp_path, demo_images):
+    from hcpdiff_like.config.launcher import compose_config
+    from hcpdiff_like.training.resume import restore_training_state
+    from hcpdiff_like.training.trainer import Trainer
+
+    def make(*extra):
+        cfg = compose_config(["cfg=demo", f"data.dataset1.sources.shapes.img_dir={demo_images}", "logger=[console]",
+                              "train.train_steps=3", "train.save_step=3", "train.save_state=true",
+                              "train.ema={decay: 0.9}", "scheduler=cosine", "scheduler.num_warmup_steps=1", *extra])
+        cfg.exp_dir = str(tmp_path / "exp")
+        return Trainer(cfg, exp_dir=cfg.exp_dir).setup()
+
+    first = make()
+    first.train()
+    second = make(f"train.resume={tmp_path / 'exp'}")
+    restore_training_state(second, second.cfg.train.resume)
+    assert second.global_step == 3 and second.accelerator.step == first.accelerator.step
+    for a, b in zip(first.trainable_parameters, second.trainable_parameters):
+        assert torch.equal(a, b)
+    moments = lambda t: [s["exp_avg_sq"] for s in t.optimizers[0].state_dict()["state"].values()]  # noqa: E731
+    assert all(torch.equal(a, b) for a, b in zip(moments(first), moments(second)))
+    assert second.lr_schedulers[0].get_last_lr() == first.lr_schedulers[0].get_last_lr()
+    shadow = lambda t: t.ema.state_dict()["shadow_params"]  # noqa: E731
+    assert all(torch.equal(a, b) for a, b in zip(shadow(first), shadow(second)))
+    assert second.ema.state_dict()["optimization_step"] == 3
+    assert second.loss_meter.state_dict() == first.loss_meter.state_dict()
+    assert [d.state_dict() for d in second.datasets] == [{**d.state_dict(), "epoch": 1, "batch_in_epoch": 0}
+                                                         if d.batch_in_epoch >= len(d.loader) else d.state_dict()
+                                                         for d in first.datasets]
+    first.cleanup()
+    second.cleanup()
