@@ -84,9 +84,8 @@ class LatentStore:
 
 
 @torch.no_grad()
-def _encode(vae, device, dataset, indices: Sequence[int], batch_size: int, progress) -> dict[int, dict]:
-    """Encode records `indices` (grouped by bucket so a batch has one size)."""
-    out: dict[int, dict] = {}
+def _encode(vae, device, dataset, indices: Sequence[int], batch_size: int, progress):
+    """Yield (index, entry) for records `indices`, encoded in batches grouped by bucket (one size each)."""
     by_bucket: dict[tuple, list[int]] = {}
     for index in indices:
         by_bucket.setdefault(dataset.assignments[index].bucket, []).append(index)
@@ -109,9 +108,8 @@ def _encode(vae, device, dataset, indices: Sequence[int], batch_size: int, progr
                 entry = {"mean": mean[row].clone(), "std": std[row].clone()}
                 if dataset.flip:
                     entry.update(mean_flipped=mean[row + 1].clone(), std_flipped=std[row + 1].clone())
-                out[index] = entry
+                yield index, entry
             progress.update(len(chunk))
-    return out
 
 
 def cache_latents(handles, vae, device, accelerator=None, batch_size: int = 4, show_progress: bool = True) -> dict:
@@ -147,18 +145,18 @@ def cache_latents(handles, vae, device, accelerator=None, batch_size: int = 4, s
             mine = missing[rank::world]
             with tqdm(total=len(mine), desc=f"caching latents ({handle.name})", unit="img",
                       disable=not show_progress or not mine, leave=False) as bar:
-                for index, entry in _encode(vae, device, dataset, mine, batch_size, bar).items():
+                for index, entry in _encode(vae, device, dataset, mine, batch_size, bar):  # written as they come
                     save_safetensors(entry, store.paths[index], {"image": str(dataset.records[index].image_path)})
             if accelerator is not None:
                 accelerator.wait_for_everyone()
-            stats["encoded"] += len(missing)
-            stats["reused"] += len(indices) - len(missing)
+            encoded, reused = len(missing), len(indices) - len(missing)
         else:
             with tqdm(total=len(indices), desc=f"caching latents ({handle.name})", unit="img",
                       disable=not show_progress, leave=False) as bar:
-                store.entries = _encode(vae, device, dataset, indices, batch_size, bar)
-            stats["encoded"] += len(indices)
+                store.entries = dict(_encode(vae, device, dataset, indices, batch_size, bar))
+            encoded, reused = len(indices), 0
+        stats["encoded"] += encoded
+        stats["reused"] += reused
         dataset.latent_store = store
-        handle.cache_summary = (f"latent cache ({handle.cache_mode}): {stats['encoded']} encoded, "
-                                f"{stats['reused']} reused")
+        handle.cache_summary = f"latent cache ({handle.cache_mode}): {encoded} images encoded, {reused} reused"
     return stats
