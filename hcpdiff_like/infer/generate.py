@@ -67,6 +67,18 @@ def build_pipeline(bundle: ModelBundle, scheduler, progress: bool = True):
     return pipe
 
 
+def _cast_to_module_dtype(module, args):
+    """Forward pre-hook: the VAE may be kept in another dtype than the UNet (training's `model.vae_dtype`)."""
+    dtype = next(module.parameters()).dtype
+    return tuple(a.to(dtype) if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
+
+
+def vae_input_dtype_hooks(vae) -> list:
+    """Let the VAE decode latents of any float dtype; returns the hook handles (call .remove())."""
+    return [module.register_forward_pre_hook(_cast_to_module_dtype)
+            for module in (getattr(vae, "post_quant_conv", None), vae.decoder) if module is not None]
+
+
 class ImageGenerator:
     """Prompts + seeds -> PIL images, for one model (the visualizer, training samples, evaluation)."""
 
@@ -97,7 +109,12 @@ class ImageGenerator:
         embeds = {k: v.to(self.device) for k, v in embeds.items()}
         generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
         pipe = self.pipeline(settings)
-        output = pipe(**embeds, generator=generators, width=settings.width, height=settings.height,
-                      num_inference_steps=settings.num_inference_steps, guidance_scale=settings.guidance_scale,
-                      output_type="pil", **(settings.extra or {}))
+        hooks = vae_input_dtype_hooks(self.bundle.vae)
+        try:
+            output = pipe(**embeds, generator=generators, width=settings.width, height=settings.height,
+                          num_inference_steps=settings.num_inference_steps, guidance_scale=settings.guidance_scale,
+                          output_type="pil", **(settings.extra or {}))
+        finally:
+            for hook in hooks:
+                hook.remove()
         return list(output.images)
