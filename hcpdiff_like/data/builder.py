@@ -61,12 +61,14 @@ class DatasetHandle:
     cache_dir: Optional[str] = None
     cache_summary: str = ""
     image_problems: list = field(default_factory=list)  # ImageInfo of skipped / converted files (images.py)
+    stream_loader: Optional[torch.utils.data.DataLoader] = None  # forever()'s loader: persistent workers
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch}
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.batch_in_epoch = int(state["epoch"]), int(state["batch_in_epoch"])
+        self.sampler.set_epoch(self.epoch)  # len(loader) is then this epoch's length (repeats may vary)
 
     @property
     def sampler(self) -> BucketBatchSampler:
@@ -77,7 +79,7 @@ class DatasetHandle:
         while True:
             self.sampler.set_epoch(self.epoch)
             self.sampler.start_batch = self.batch_in_epoch
-            for batch in self.loader:
+            for batch in self.stream_loader or self.loader:
                 self.batch_in_epoch += 1
                 yield batch
             self.epoch += 1
@@ -239,9 +241,11 @@ def _make_handle(name, ds_cfg, sources, records, held_out, seed, num_processes, 
     batch_size = int(ds_cfg.get("batch_size", 1))
     sampler = BucketBatchSampler([bucket_ids[a.bucket] for a in assignments], [r.repeat for r in records],
                                  batch_size, seed=seed, num_processes=num_processes, process_index=process_index)
-    # persistent workers: no worker start-up each epoch; the epoch plan is still drawn in the main process
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=workers,
-                                         persistent_workers=workers > 0)
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=workers)
+    # training streams through its own loader whose workers persist across epochs (no start-up stall each
+    # epoch); `loader` stays free for direct iteration. The epoch plan is drawn in the main process for both.
+    stream = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=workers,
+                                         persistent_workers=True) if workers > 0 else None
     return DatasetHandle(name, dataset, loader, float(ds_cfg.get("loss_weight", 1.0)), batch_size,
                          validation_records=held_out, buckets=buckets, sources=sources, cache_mode=cache_mode,
-                         cache_dir=ds_cfg.get("latent_cache_dir"))
+                         cache_dir=ds_cfg.get("latent_cache_dir"), stream_loader=stream)

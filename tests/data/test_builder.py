@@ -143,3 +143,12 @@ def test_start_up_validation_names_dataset_key_typos():
     with pytest.raises(ConfigError, match="data.dataset1.cache_latent.*did you mean 'cache_latents'"):
         validate_config(cfg)
     validate_config(compose_config(["cfg=demo", "+data.dataset1.cache_latents=disk"]))
+
+
+def test_worker_processes_give_the_same_stream(mixed_folder):
+    plain = list(itertools.islice(build(data_cfg(mixed_folder)).forever(), 3))
+    handle = build(data_cfg(mixed_folder), workers=1)
+    with_workers = list(itertools.islice(handle.forever(), 3))
+    assert [b["captions"] for b in plain] == [b["captions"] for b in with_workers]
+    assert all(torch.equal(a["pixel_values"], b["pixel_values"]) for a, b in zip(plain, with_workers))
+    assert handle.stream_loader.persistent_workers and next(iter(handle.loader))["captions"]
