@@ -186,7 +186,7 @@ def build_datasets(data_cfg: DictConfig, seed: int = 0, num_processes: int = 1, 
     infos = {}
     for name, ds_cfg, sources in planned:
         paths = sorted({r.image_path for _, _, found in sources for r in found} - set(infos))
-        infos.update(scan_images(paths, max_pixels[name], progress=show_progress))
+        infos.update(scan_images(paths, max_pixels[name], progress=show_progress and process_index == 0))
     problems = {}
     for name, _, sources in planned:
         paths = {r.image_path for _, _, found in sources for r in found}
@@ -194,7 +194,7 @@ def build_datasets(data_cfg: DictConfig, seed: int = 0, num_processes: int = 1, 
         problems[name] += [ImageInfo(p, None, why) for _, source, _ in sources for p, why in source.problems]
     unique = {(str(i.path), i.problem, i.converted): i for found in problems.values() for i in found}
     message = describe_problems(unique.values())
-    if message:
+    if message and process_index == 0:  # every process checks the files; one of them tells
         logger.warning(message)
 
     handles = []
