@@ -11,6 +11,7 @@ are passed to Hydra as quoted strings.
 from __future__ import annotations
 
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Optional
@@ -34,10 +35,14 @@ def quote_free_text(argv: list[str]) -> list[str]:
         key, sep, value = arg.partition("=")
         if sep and key.lstrip("+~") in FREE_TEXT_KEYS and not (len(value) >= 2 and value[0] == value[-1]
                                                                 and value[0] in "'\""):
-            value = value.replace("\\", "\\\\").replace("'", "\\'")
-            arg = f"{key}='{value}'"
+            arg = f"{key}={_hydra_quoted(value)}"
         out.append(arg)
     return out
+
+
+def _hydra_quoted(value: str) -> str:
+    """Hydra's quoted string: escape quotes, and double only backslashes that precede a quote or the end."""
+    return "'" + re.sub(r"(\\*)('|$)", lambda m: m.group(1) * 2 + ("\\'" if m.group(2) else ""), value) + "'"
 
 
 def _per_image(value, total: int, bs: int, key: str) -> list[str]:

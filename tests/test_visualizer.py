@@ -143,7 +143,9 @@ def test_cfg_picks_from_cfgs_infer_and_prompts_need_no_quoting():
     assert (cfg.merge.alpha, cfg.sampler, cfg.infer_args.height, cfg.N_repeats) == (0.85, "euler_a", 768, 2)
     with pytest.raises(SystemExit, match="cfgs/infer/.*text2img"):
         compose_config(["cfg=nope"], config_name=CONFIG_NAME, cfg_group=CFG_GROUP)
-    assert quote_free_text(["prompt=it's"]) == ["prompt='it\\'s'"]
+    for prompt in [r"a \(literal\) it's", "end\\", "q\\'", "a=b", ""]:  # survives Hydra's quoting rules
+        composed = compose_config(quote_free_text([f"prompt={prompt}"]), config_name=CONFIG_NAME, cfg_group=CFG_GROUP)
+        assert composed.prompt == prompt
 
 
 def test_sdxl_generates_at_the_asked_size(tiny_sdxl, tmp_path):
