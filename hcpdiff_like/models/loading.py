@@ -112,11 +112,13 @@ def load_model_bundle(pretrained_model_name_or_path: Optional[str] = None, famil
     return bundle
 
 
-def load_text_components(pretrained_model_name_or_path: str) -> tuple[list, list]:
-    """Only the tokenizer(s) and text encoder(s) of a model (tools that never touch the UNet)."""
+def load_text_components(pretrained_model_name_or_path: str,
+                         single_file_config: Optional[str] = None) -> tuple[list, list]:
+    """Only the tokenizer(s) and text encoder(s) of a model (tools that never touch the UNet).
+    A single-file checkpoint needs `single_file_config` (a folder with its tokenizer(s))."""
     path = resolve_model_path(pretrained_model_name_or_path)
     if path.is_file() or not (path / "text_encoder").is_dir():
-        bundle = load_model_bundle(str(path))
+        bundle = load_model_bundle(str(path), single_file_config=single_file_config)
         return bundle.tokenizers, bundle.text_encoders
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 

@@ -176,8 +176,10 @@ def init_vectors(tokenizer, token_embedding: torch.nn.Embedding, n_vectors: int,
 
 def create_embedding(model_path: str, name: str, n_vectors: int, init_text: Optional[str] = None,
                      out_dir: str | os.PathLike = "embs", std: float = 0.017, seed: Optional[int] = None,
-                     replace: bool = False, out_path: str | os.PathLike | None = None) -> Path:
-    """Write `<out_dir>/<name>.pt` for the model at `model_path` (tokenizers + text encoders only)."""
+                     replace: bool = False, out_path: str | os.PathLike | None = None,
+                     single_file_config: Optional[str] = None) -> Path:
+    """Write `<out_dir>/<name>.pt` for the model at `model_path` (tokenizers + text encoders only;
+    a single-file checkpoint takes its tokenizer(s) from `single_file_config`)."""
     from ..models.loading import load_text_components
 
     if n_vectors < 1:
@@ -185,7 +187,7 @@ def create_embedding(model_path: str, name: str, n_vectors: int, init_text: Opti
     path = Path(out_path) if out_path else Path(out_dir) / f"{name}.pt"
     if path.exists() and not replace:
         raise FileExistsError(f"{path} already exists (pass --replace to overwrite it)")
-    tokenizers, encoders = load_text_components(model_path)
+    tokenizers, encoders = load_text_components(model_path, single_file_config=single_file_config)
     generator = torch.Generator().manual_seed(int(seed) if seed is not None else torch.seed() % (2 ** 63))
     vectors = []
     for tokenizer, encoder in zip(tokenizers, encoders):

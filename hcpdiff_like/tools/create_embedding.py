@@ -24,6 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", default=None, help="explicit output path (.pt or .safetensors)")
     parser.add_argument("--seed", type=int, default=None, help="seed for the random rows")
     parser.add_argument("--replace", action="store_true", help="overwrite an existing file")
+    parser.add_argument("--single_file_config", default=None,
+                        help="for a single-file checkpoint: a folder holding its tokenizer(s) (a diffusers folder)")
     return parser
 
 
@@ -36,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         path = create_embedding(args.model_path, args.word_name, args.n_vectors, init_text=args.init_text,
                                 out_dir=args.root, std=args.std, seed=args.seed, replace=args.replace,
-                                out_path=args.out)
+                                out_path=args.out, single_file_config=args.single_file_config)
     except (WordExistsError, FileExistsError, ModelLoadError, EmbeddingFormatError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

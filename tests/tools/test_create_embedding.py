@@ -39,3 +39,16 @@ def test_convert_splits_an_hcp_sdxl_word_for_webui(tmp_path):
                                    "--sdxl_widths", "768,1280"]) == 0
     state = load_file(str(tmp_path / "w_xl.safetensors"))
     assert torch.equal(state["clip_l"], clip_l) and torch.equal(state["clip_g"], clip_g)
+
+
+def test_cli_reads_a_single_file_checkpoint_with_its_tokenizer_folder(tiny_sd1, tmp_path):
+    from hcpdiff_like.convert.sd_checkpoint import write_single_file
+    from hcpdiff_like.models.loading import load_model_bundle
+
+    single = write_single_file(load_model_bundle(str(tiny_sd1)), tmp_path / "tiny.safetensors")
+    args = ["sks_one", "2", "--init_text", "ab", "--seed", "0"]
+    assert create_embedding.main([str(single), *args, "--root", str(tmp_path / "a"),
+                                  "--single_file_config", str(tiny_sd1)]) == 0
+    assert create_embedding.main([str(tiny_sd1), *args, "--root", str(tmp_path / "b")]) == 0
+    assert torch.equal(read_embedding(tmp_path / "a" / "sks_one.pt").vectors[0],
+                       read_embedding(tmp_path / "b" / "sks_one.pt").vectors[0])
