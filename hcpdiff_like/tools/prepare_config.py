@@ -87,6 +87,8 @@ def build_config_text(args, folders: list[tuple[Path, int]], words: list[str], e
     if args.model:
         model = args.model if str(args.model).startswith("tiny") else str(Path(args.model).expanduser().resolve())
         body["model"] = {"pretrained_model_name_or_path": model}
+        if args.single_file_config:
+            body["model"]["single_file_config"] = str(Path(args.single_file_config).expanduser().resolve())
     if words:
         body["embeddings"] = {"emb_dir": str(emb_dir), "train": [{"name": w, "lr": "${train.emb_lr}"} for w in words]}
     body["data"] = {"dataset1": {"sources": sources}}
@@ -154,7 +156,8 @@ def create_embeddings(model: str, words: dict, emb_dir: Path, args) -> None:
     for name, tags in words.items():
         try:
             create_embedding(model, name, args.n_vectors, init_text=init_text(tags, args.std, args.n_random),
-                             out_dir=emb_dir, std=args.std, seed=args.seed, replace=args.overwrite)
+                             out_dir=emb_dir, std=args.std, seed=args.seed, replace=args.overwrite,
+                             single_file_config=args.single_file_config)
         except WordExistsError as error:
             raise PrepareError(f"trigger word file: {error}") from error
         print(f"created embedding {emb_dir / (name + '.pt')} ({args.n_vectors} vectors)")
@@ -168,6 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config_name", default="prepared", help="file name of the config (default prepared)")
     parser.add_argument("--base_config", default=None, help="shipped experiment to build on (cfgs/train/<name>)")
     parser.add_argument("--model", default=None, help="base model: diffusers folder or single file (or tiny:sd1)")
+    parser.add_argument("--single_file_config", default=None,
+                        help="for a single-file --model: a folder holding its tokenizer(s) (model.single_file_config)")
     parser.add_argument("--pivotal", action="store_true", help="also create and train the trigger-word embeddings")
     parser.add_argument("--trigger_word_file", default=None, help="emb_init.json {name: [tags]} or .csv")
     parser.add_argument("--emb_dir", default=None, help="where the embeddings go (default <config_dst_dir>/embs)")
