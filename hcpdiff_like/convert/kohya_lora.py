@@ -18,6 +18,7 @@ import json
 import math
 import os
 import struct
+from collections import Counter
 from dataclasses import dataclass
 from typing import Iterable, Optional, Sequence
 
@@ -167,17 +168,24 @@ def safetensors_hashes(state: dict) -> tuple[str, str]:
     return hashlib.sha256(data[8 + header:]).hexdigest(), hashlib.sha256(data[0x100000:0x110000]).hexdigest()[:8]
 
 
+def _most_common(values: list, default):
+    return Counter(values).most_common(1)[0][0] if values else default
+
+
 def kohya_metadata(state: dict, family: str, conv_modules: list, loras: Sequence[OurLora]) -> dict[str, str]:
-    ranks = [int(state[k].shape[0]) for k in state if k.endswith(DOWN)]
-    alphas = [float(state[k]) for k in state if k.endswith("." + ALPHA)]
+    """ss_network_dim/alpha: the most common (rank, alpha) of the linear layers; conv_dim/alpha of 3x3 convs."""
+    linear = [(int(v.shape[0]), float(state[k[:-len(DOWN)] + ALPHA])) for k, v in state.items()
+              if k.endswith(DOWN) and (v.ndim == 2 or tuple(v.shape[2:]) == (1, 1))]
+    rank, alpha = _most_common(linear or conv_modules, (0, 0.0))
     args = {}
     if conv_modules:
-        args = {"conv_dim": str(max(r for r, _ in conv_modules)), "conv_alpha": f"{conv_modules[0][1]:g}"}
+        conv_rank, conv_alpha = _most_common(conv_modules, (0, 0.0))
+        args = {"conv_dim": str(conv_rank), "conv_alpha": f"{conv_alpha:g}"}
     steps = {l.metadata.get("hcpdiff_like.step") for l in loras} - {None}
     model_hash, legacy_hash = safetensors_hashes(state)
     metadata = {
-        "ss_network_module": "networks.lora", "ss_network_dim": str(max(ranks, default=0)),
-        "ss_network_alpha": f"{(alphas[0] if alphas else 0):g}", "ss_network_args": json.dumps(args),
+        "ss_network_module": "networks.lora", "ss_network_dim": str(rank),
+        "ss_network_alpha": f"{alpha:g}", "ss_network_args": json.dumps(args),
         "ss_base_model_version": BASE_MODEL_VERSIONS[family], "ss_v2": str(family == "sd2"),
         "ss_training_comment": "converted from hcpdiff_like LoRA files: " + ", ".join(
             os.path.basename(l.source) for l in loras),

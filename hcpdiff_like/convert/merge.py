@@ -56,6 +56,8 @@ def bake_adapters(model: torch.nn.Module) -> int:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, module.get_base_layer())
+    if "peft_config" in vars(model):  # PEFT's record of the injected adapters, all merged now
+        del model.peft_config
     return len(wrapped)
 
 

@@ -42,6 +42,7 @@ def test_merge_equals_base_plus_weighted_delta(tiny_sd1, lora_files, weight):
         assert kinds <= {"Linear", "Conv2d"} and (target == "text_encoder" or kinds == {"Linear", "Conv2d"})
         merged_state, base_state = getattr(merged, target).state_dict(), getattr(base, target).state_dict()
         assert merged_state.keys() == base_state.keys()  # plain layers again, no adapter left behind
+        assert not hasattr(getattr(merged, target), "peft_config")
         for key, value in merged_state.items():
             module = key.rsplit(".", 1)[0]
             if module in expected and key.endswith(".weight"):
