@@ -31,10 +31,10 @@ def test_step_marks_leave_out_warmup_and_measure_gaps():
     assert common.median([3.0, 1.0, 2.0]) == 2.0 and math.isnan(common.median([]))
 
 
-def test_smoke_run_prints_both_loops_and_their_ratio(tmp_path, tiny_sd1, capsys):
+def test_smoke_run_prints_both_loops_their_ratio_and_a_profile(tmp_path, tiny_sd1, capsys):
     out = tmp_path / "overhead.json"
     report = load_script("step_overhead").main(["--repeats", "1", "--warmup", "0", "--steps", "2", "--threads", "1",
-                                                "--json", str(out)])
+                                                "--profile", "--json", str(out)])
     printed = capsys.readouterr().out
     seconds = {name: float(re.search(rf"^{name}: ([0-9.]+) s/step wall, ([0-9.]+) s/step CPU", printed, re.M).group(1))
                for name in ("framework", "reference")}
@@ -47,3 +47,8 @@ def test_smoke_run_prints_both_loops_and_their_ratio(tmp_path, tiny_sd1, capsys)
     saved = json.loads(out.read_text())
     assert saved["ratio"] == pytest.approx(report["ratio"])
     assert len(saved["per_repeat"]["framework"]) == len(saved["per_repeat"]["reference"]) == 1
+    # the profile splits the loop: the step itself, the data fetch, the progress bar and the loggers
+    assert re.search(r"^cProfile of the train loop \(3 steps\): [0-9.]+ ms/step", printed, re.M)
+    profile = saved["profile_seconds_per_step"]
+    assert profile["train_step (model, loss, backward, optimizer)"] > profile["progress bar: update"] > 0
+    assert profile["data: next batch (decode, collate)"] > 0 and "loggers: scalars" in profile

@@ -21,27 +21,6 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 UNET_LORA_LAYERS = ["re:.*\\.attn.?$", "re:.*\\.ff$"]
 PEFT_UNET_TARGETS = r".*\.(attn\d?|ff)\.(to_q|to_k|to_v|to_out\.0|net\.0\.proj|net\.2)"
 
-# Speed levers: our config keys (`++` adds a key that the shipped config may not define yet).
-# The lever sweeps compare each lever against BASELINE_OVERRIDES (SDPA on, everything else off).
-BASELINE_OVERRIDES = ["++model.attention=sdpa", "++optimizer.fused=false"]
-LEVER_OVERRIDES = {
-    "default_attention": ["++model.attention=default"],  # SDPA's effect, seen from the other side
-    "channels_last": ["++model.channels_last=true"],
-    "compile": ["++model.compile=true"],
-    "fused_adamw": ["++optimizer.fused=true"],
-    "cache_text_embeddings": ["++model.cache_text_embeddings=true"],
-    "cache_latents": ["++data.dataset1.cache_latents=memory"],
-    "gradient_checkpointing": ["model.gradient_checkpointing=true"],
-}
-# The same levers as ReferenceOptions fields of the hand-written loop.
-LEVER_REFERENCE_FIELDS = {
-    "default_attention": ("attention", "default"), "channels_last": ("channels_last", True),
-    "compile": ("compile", True), "fused_adamw": ("fused_adamw", True),
-    "cache_text_embeddings": ("cache_text_embeddings", True), "cache_latents": ("cache_latents", True),
-    "gradient_checkpointing": ("gradient_checkpointing", True),
-}
-
-
 def prepare_environment() -> None:
     """Offline and quiet, like `python -m hcpdiff_like.train`."""
     for key, value in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error", "DIFFUSERS_VERBOSITY": "error",
@@ -66,6 +45,8 @@ def machine_summary() -> dict:
             "python": platform.python_version()}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
+    with contextlib.suppress(OSError, AttributeError):  # other jobs on the machine skew every figure
+        info["load_average_1min"] = round(os.getloadavg()[0], 2)
     return info
 
 
@@ -320,7 +301,8 @@ def run_reference(components: dict, options: ReferenceOptions, warmup: int, step
     images = CaptionedImages(options.images, options.resolution)
     loader = torch.utils.data.DataLoader(images,
                                          batch_size=options.batch_size, shuffle=True, drop_last=True,
-                                         num_workers=options.workers, collate_fn=collate_captioned)
+                                         num_workers=options.workers, collate_fn=collate_captioned,
+                                         persistent_workers=options.workers > 0)
     text_cache: dict = {}
     sdxl = "text_encoder_2" in components
     latent_cache = {}

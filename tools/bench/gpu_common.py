@@ -14,6 +14,27 @@ from pathlib import Path
 
 import common
 
+# Speed levers: our config keys (`++` adds a key that the shipped config may not define yet).
+# The lever sweeps compare each lever against BASELINE_OVERRIDES (SDPA on, everything else off).
+BASELINE_OVERRIDES = ["++model.attention=sdpa", "++optimizer.fused=false"]
+LEVER_OVERRIDES = {
+    "default_attention": ["++model.attention=default"],  # SDPA's effect, seen from the other side
+    "channels_last": ["++model.channels_last=true"],
+    "compile": ["++model.compile=true"],
+    "fused_adamw": ["++optimizer.fused=true"],
+    "cache_text_embeddings": ["++model.cache_text_embeddings=true"],
+    "cache_latents": ["++data.dataset1.cache_latents=memory"],
+    "gradient_checkpointing": ["model.gradient_checkpointing=true"],
+}
+# The same levers as ReferenceOptions fields of the hand-written loop.
+LEVER_REFERENCE_FIELDS = {
+    "default_attention": ("attention", "default"), "channels_last": ("channels_last", True),
+    "compile": ("compile", True), "fused_adamw": ("fused_adamw", True),
+    "cache_text_embeddings": ("cache_text_embeddings", True), "cache_latents": ("cache_latents", True),
+    "gradient_checkpointing": ("gradient_checkpointing", True),
+}
+
+
 # Dense bf16 tensor-core peaks (TFLOP/s, vendor datasheets, no sparsity), matched in the device name.
 PEAK_BF16_TFLOPS = {"H200": 989.4, "H100": 989.4, "A100": 312.0, "L40S": 362.1, "L40": 181.0, "A10G": 70.0,
                     "L4": 121.0, "4090": 165.2, "3090": 71.0, "A6000": 154.8}
@@ -49,7 +70,8 @@ def build_parser(spec: ModelSpec, doc: str) -> argparse.ArgumentParser:
     parser.add_argument("--cache-latents", action="store_true", help="latents encoded once before training")
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--lever-sweep", default="", help="comma-separated levers, or 'all': each lever alone vs the "
-                        f"baseline, framework only, at the first batch size. Levers: {', '.join(common.LEVER_OVERRIDES)}")
+                        f"baseline, framework only, at the first batch size. Levers: {', '.join(LEVER_OVERRIDES)}")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     parser.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (default: by GPU name)")
     parser.add_argument("--no-flops", action="store_true", help="skip the FlopCounterMode pass")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures to this JSON file")
@@ -114,8 +136,8 @@ def lever_settings(args) -> tuple[list[str], dict]:
                         ("cache_text_embeddings", "cache_text_embeddings"), ("cache_latents", "cache_latents"),
                         ("gradient_checkpointing", "gradient_checkpointing")):
         if getattr(args, flag):
-            overrides += common.LEVER_OVERRIDES[lever]
-            fields[common.LEVER_REFERENCE_FIELDS[lever][0]] = True
+            overrides += LEVER_OVERRIDES[lever]
+            fields[LEVER_REFERENCE_FIELDS[lever][0]] = True
     if args.fused_adamw != "auto":
         overrides.append(f"++optimizer.fused={args.fused_adamw}")
         fields["fused_adamw"] = args.fused_adamw == "true"
@@ -190,6 +212,10 @@ def main(spec: ModelSpec, argv, doc: str, script: str) -> dict:
     args = build_parser(spec, doc).parse_args(argv)
     common.prepare_environment()
     check_device(args, spec, script)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     from hcpdiff_like.data.demo import make_demo_dataset
 
     batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
@@ -217,7 +243,7 @@ def main(spec: ModelSpec, argv, doc: str, script: str) -> dict:
             if len(results) == 2:
                 print(f"           batch {batch_size:>2}: framework/reference time ratio "
                       f"{results[0].seconds_per_step / results[1].seconds_per_step:.3f}")
-        levers = list(common.LEVER_OVERRIDES) if args.lever_sweep == "all" else \
+        levers = list(LEVER_OVERRIDES) if args.lever_sweep == "all" else \
             [x for x in args.lever_sweep.split(",") if x]
         if levers:
             report["levers"] = sweep_levers(bench, batch_sizes[0], levers)
@@ -228,20 +254,25 @@ def main(spec: ModelSpec, argv, doc: str, script: str) -> dict:
 
 def sweep_levers(bench: Bench, batch_size: int, levers: list[str]) -> list[dict]:
     """Each lever alone against the baseline (SDPA on, all else off), framework only."""
-    unknown = [x for x in levers if x not in common.LEVER_OVERRIDES]
+    unknown = [x for x in levers if x not in LEVER_OVERRIDES]
     if unknown:
-        raise SystemExit(f"error: unknown lever(s) {unknown}; known: {', '.join(common.LEVER_OVERRIDES)}")
-    baseline = bench.framework(batch_size, common.BASELINE_OVERRIDES)
+        raise SystemExit(f"error: unknown lever(s) {unknown}; known: {', '.join(LEVER_OVERRIDES)}")
+    baseline = bench.framework(batch_size, BASELINE_OVERRIDES)
     print(f"lever baseline (batch {batch_size}): {baseline.seconds_per_step:.4f} s/step, peak memory "
           f"{_fmt(baseline.peak_memory_bytes and baseline.peak_memory_bytes / 2 ** 30, '.2f')} GiB")
     rows = []
     for lever in levers:
-        result = bench.framework(batch_size, common.BASELINE_OVERRIDES + common.LEVER_OVERRIDES[lever])
+        try:
+            result = bench.framework(batch_size, BASELINE_OVERRIDES + LEVER_OVERRIDES[lever])
+        except Exception as error:  # e.g. torch.compile without a working compiler: report, go on
+            print(f"lever {lever:<24} failed: {type(error).__name__}: {str(error)[:300]}")
+            rows.append({"lever": lever, "overrides": LEVER_OVERRIDES[lever], "error": str(error)[:300]})
+            continue
         speedup = baseline.seconds_per_step / result.seconds_per_step
-        rows.append({"lever": lever, "overrides": common.LEVER_OVERRIDES[lever], "batch_size": batch_size,
+        rows.append({"lever": lever, "overrides": LEVER_OVERRIDES[lever], "batch_size": batch_size,
                      "seconds_per_step": result.seconds_per_step, "baseline_seconds_per_step": baseline.seconds_per_step,
                      "speedup": speedup, "peak_memory_bytes": result.peak_memory_bytes})
-        print(f"lever {lever:<24} {' '.join(common.LEVER_OVERRIDES[lever]):<42} {result.seconds_per_step:.4f} s/step, "
+        print(f"lever {lever:<24} {' '.join(LEVER_OVERRIDES[lever]):<42} {result.seconds_per_step:.4f} s/step, "
               f"x{speedup:.3f} vs baseline, peak memory "
               f"{_fmt(result.peak_memory_bytes and result.peak_memory_bytes / 2 ** 30, '.2f')} GiB")
     return rows

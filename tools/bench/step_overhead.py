@@ -4,7 +4,7 @@ diffusers + PEFT + torch loop. Same images, batch, rank, precision, lr schedule,
 
     python tools/bench/step_overhead.py                      # 5 interleaved repeats of 5 warm-up + 20 steps
     python tools/bench/step_overhead.py --repeats 1 --warmup 1 --steps 2     # smoke run
-    python tools/bench/step_overhead.py --profile            # + cProfile of one framework run (top functions)
+    python tools/bench/step_overhead.py --profile            # + where the framework's loop time goes (cProfile)
 
 Prints steady-state seconds/step of each (median over repeats; warm-up steps left out) and their ratio
 (goal: <= 1.03), by wall clock and by process CPU time (the CPU-time ratio is the steadier one on a
@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--workers", type=int, default=0, help="DataLoader workers (both loops)")
     parser.add_argument("--seed", type=int, default=114514)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
-    parser.add_argument("--profile", action="store_true", help="also cProfile one framework run")
+    parser.add_argument("--profile", action="store_true", help="also cProfile one framework run's loop")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures to this JSON file")
     return parser
 
@@ -56,19 +56,54 @@ def reference_options(args) -> common.ReferenceOptions:
                                    mixed_precision=args.mixed_precision, workers=args.workers)
 
 
-def profile_framework(args) -> None:
+# (file name ending, function name) -> label: the framework's own per-step work outside the model
+PROFILE_PARTS = {("trainer.py", "train_step"): "train_step (model, loss, backward, optimizer)",
+                 ("builder.py", "forever"): "data: next batch (decode, collate)",
+                 ("std.py", "set_postfix"): "progress bar: set_postfix", ("std.py", "update"): "progress bar: update",
+                 ("loggers.py", "scalars"): "loggers: scalars", ("validation.py", "maybe_validate"): "validation hook",
+                 ("signals.py", "should_stop"): "stop-signal check",
+                 ("trainer.py", "save_checkpoint"): "checkpoint save (once, after the last step)",
+                 ("conditioning.py", "text_to_ids"): "tokenize captions (inside train_step)"}
+
+
+def profile_framework(args) -> dict:
+    """cProfile one framework run's train loop; print where each step's time goes (ms/step, upper bounds:
+    cProfile slows Python-heavy code more than the torch kernels)."""
     import cProfile
-    import io
     import pstats
 
+    from hcpdiff_like.training.trainer import Trainer
+
     profiler = cProfile.Profile()
-    profiler.enable()
-    common.run_framework(framework_overrides(args), args.warmup, args.steps)
-    profiler.disable()
-    text = io.StringIO()
-    pstats.Stats(profiler, stream=text).sort_stats("cumulative").print_stats(30)
-    print("cProfile of one framework run (setup + train, cumulative):")
-    print(text.getvalue())
+    train = Trainer.train
+
+    def profiled_train(self):
+        profiler.enable()
+        try:
+            return train(self)
+        finally:
+            profiler.disable()
+
+    Trainer.train = profiled_train
+    try:
+        common.run_framework(framework_overrides(args), args.warmup, args.steps)
+    finally:
+        Trainer.train = train
+    steps = args.warmup + args.steps + 1
+    stats = pstats.Stats(profiler).stats
+    parts, loop_total = {}, 0.0
+    for (filename, _, function), (_, _, _, cumulative, _) in stats.items():
+        if filename.endswith("trainer.py") and function == "train":
+            loop_total = cumulative
+        for (suffix, name), label in PROFILE_PARTS.items():
+            if filename.endswith(suffix) and function == name:
+                parts[label] = max(parts.get(label, 0.0), cumulative)  # outermost of same-named functions
+    print(f"cProfile of the train loop ({steps} steps): {1000 * loop_total / steps:.2f} ms/step in all")
+    for label, seconds in sorted(parts.items(), key=lambda item: -item[1]):
+        print(f"  {1000 * seconds / steps:9.2f} ms/step  {label}")
+    rest = loop_total - sum(v for k, v in parts.items() if "inside train_step" not in k)
+    print(f"  {1000 * rest / steps:9.2f} ms/step  the rest of the loop body")
+    return {label: seconds / steps for label, seconds in parts.items()}
 
 
 def main(argv=None) -> dict:
@@ -111,10 +146,10 @@ def main(argv=None) -> dict:
     report = {"machine": machine, "args": {k: str(v) for k, v in vars(args).items()}, "per_repeat": per_repeat,
               "per_repeat_cpu": per_repeat_cpu, "seconds_per_step": figures, "cpu_seconds_per_step": cpu_figures,
               "ratio": ratio, "cpu_ratio": cpu_ratio, "trainable_parameters": trainable}
+    if args.profile:
+        report["profile_seconds_per_step"] = profile_framework(args)
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
-    if args.profile:
-        profile_framework(args)
     return report
 
 
