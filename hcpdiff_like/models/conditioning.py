@@ -47,7 +47,7 @@ class TextConditioner(torch.nn.Module):
     def text_to_ids(self, text: str, encoder_index: int = 0) -> list[int]:
         """Token ids of `text` without BOS/EOS, trigger words expanded to their n vector ids."""
         tokenizer = self.tokenizers[encoder_index]
-        ids = tokenizer(self.rewrite(text), add_special_tokens=False, truncation=False)["input_ids"]
+        ids = tokenizer(self.rewrite(text), add_special_tokens=False, truncation=False, verbose=False)["input_ids"]
         expansions = self.word_expansions.get(encoder_index)
         if not expansions:
             return list(ids)
