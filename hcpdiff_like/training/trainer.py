@@ -168,7 +168,8 @@ class Trainer:
         self.loggers.info(f"experiment dir: {self.exp.path}")
         self.loggers.info(f"model: {self.bundle.source} (family {self.bundle.family})")
         self.loggers.info(f"processes: {self.accelerator.num_processes}, total batch per optimizer step: "
-                          f"{total_batch}, scale_lr: {bool(self.cfg.train.get('scale_lr'))}")
+                          f"{total_batch}, scale_lr: {bool(self.cfg.train.get('scale_lr'))}"
+                          + (f" (every lr x {total_batch})" if self.cfg.train.get("scale_lr") else ""))
         for dataset in self.datasets:
             self.loggers.info(f"dataset {dataset.name}: {len(dataset.dataset)} samples (repeats included), "
                               f"batch {dataset.batch_size}, loss weight {dataset.loss_weight}")

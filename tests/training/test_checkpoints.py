@@ -75,7 +75,8 @@ def test_state_round_trip_without_pickle(tmp_path):
     restored = torch.optim.AdamW([torch.nn.Parameter(param.detach().clone())], lr=1.0)
     restored.load_state_dict(loaded["optimizer"])
     assert restored.state_dict()["param_groups"] == optimizer.state_dict()["param_groups"]
-    assert torch.equal(restored.state_dict()["state"][0]["exp_avg_sq"], optimizer.state_dict()["state"][0]["exp_avg_sq"])
+    restored_moment, moment = (o.state_dict()["state"][0]["exp_avg_sq"] for o in (restored, optimizer))
+    assert torch.equal(restored_moment, moment)
 
     expected = (random.random(), np.random.rand(), torch.rand(3))
     restore_rng(loaded["rng"])
