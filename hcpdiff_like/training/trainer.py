@@ -170,9 +170,6 @@ class Trainer:
         self.loggers.info(f"processes: {self.accelerator.num_processes}, total batch per optimizer step: "
                           f"{total_batch}, scale_lr: {bool(self.cfg.train.get('scale_lr'))}"
                           + (f" (every lr x {total_batch})" if self.cfg.train.get("scale_lr") else ""))
-        for dataset in self.datasets:
-            self.loggers.info(f"dataset {dataset.name}: {len(dataset.dataset)} samples (repeats included), "
-                              f"batch {dataset.batch_size}, loss weight {dataset.loss_weight}")
         for group in param_groups:
             self.loggers.info(f"param group {group['name']}: lr {group.get('initial_lr', group['lr']):.3g}, "
                               f"{sum(p.numel() for p in group['params'])} parameters")
