@@ -13,7 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 KNOWN_KEYS: dict[str, set[str]] = {
     "train": {"train_steps", "save_step", "lr", "text_encoder_lr", "emb_lr", "gradient_accumulation_steps",
               "max_grad_norm", "scale_lr", "workers", "save_state", "resume", "keep_last_n", "on_nonfinite",
-              "validation_every", "sample_every", "ema", "log_step"},
+              "ema"},
     "model": {"pretrained_model_name_or_path", "family", "revision", "clip_skip", "clip_final_norm",
               "tokenizer_repeats", "gradient_checkpointing", "vae_dtype", "single_file_config", "attention",
               "full_bf16", "cache_text_embeddings", "channels_last", "compile", "weighted_captions"},
