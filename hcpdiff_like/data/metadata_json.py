@@ -1,4 +1,4 @@
-"""Read and write kohya's fine-tune metadata JSON (a helper of the caption tools, not a tool itself).
+"""Read and write kohya's fine-tune metadata JSON (used by tools.merge_captions and tools.clean_captions).
 
     {"<image key>": {"caption": "a frog\\nalt caption", "tags": "open mouth, frog", ...}, ...}
 

@@ -26,7 +26,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .metadata_io import MetadataError, check_writable, read_metadata, write_metadata
+from ..data.metadata_json import MetadataError, check_writable, read_metadata, write_metadata
 
 DEFAULT_RATING_WORDS = ("general", "sensitive", "questionable", "explicit")
 RATING_PREFIX = re.compile(r"^rating[:_ ]\s*\w+$", re.IGNORECASE)

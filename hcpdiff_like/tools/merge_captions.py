@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from .metadata_io import MetadataError, check_writable, read_metadata, write_metadata
+from ..data.metadata_json import MetadataError, check_writable, read_metadata, write_metadata
 
 KEY_STYLES = ("stem", "relative", "full")
 
