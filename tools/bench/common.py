@@ -95,6 +95,18 @@ class StepMarks:
         return gaps[warmup:]
 
 
+def release_gpu_memory(device) -> None:
+    """Free what the previous case left (cycles included) and restart the peak-memory counter."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if str(device).startswith("cuda"):
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
 def median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
@@ -162,9 +174,7 @@ def run_framework(overrides: list[str], warmup: int, steps: int, device="cpu", b
         cfg = compose_config(list(overrides) + [f"exp_root={exp_root}", f"train.train_steps={warmup + steps + 1}",
                                                 "train.save_step=1000000000"])
         validate_config(cfg)
-        if str(device).startswith("cuda"):
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
+        release_gpu_memory(device)
         with patched_model_loader(bundle_factory):
             trainer = Trainer(cfg, exp_dir=str(Path(exp_root) / "run")).setup()
         clock = StepMarks(device, sync_at=(warmup, warmup + steps))
@@ -345,9 +355,7 @@ def run_reference(components: dict, options: ReferenceOptions, warmup: int, step
         optimizer.zero_grad(set_to_none=True)
         return loss.detach()
 
-    if str(device).startswith("cuda"):
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
+    release_gpu_memory(device)
     clock, loss, total = StepMarks(device, sync_at=(warmup, warmup + steps)), None, warmup + steps + 1
     done = 0
     while done < total:

@@ -163,6 +163,7 @@ class Bench:
                                     factory, measure_flops=not self.args.no_flops)
 
     def reference(self, batch_size: int, fields: dict) -> common.LoopResult:
+        common.release_gpu_memory(self.args.device)  # the previous case's model first
         components = (common.load_tiny_components(self.family) if self.args.tiny
                       else random_components(self.spec.config_name, self.args.device))
         options = common.ReferenceOptions(images=self.images, resolution=self.resolution, batch_size=batch_size,
