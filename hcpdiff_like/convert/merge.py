@@ -9,15 +9,15 @@ become base + weight * (trained - base). Embeddings: each word of n vectors beco
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 from typing import Sequence
 
 import torch
 from tqdm.auto import tqdm
 
+from ..models.loading import bundle_to_pipeline
 from ..plugins.lora import load_lora_into
-from ..training.checkpoints import BASE_PREFIX
+from ..training.checkpoints import BASE_PREFIX, atomic_folder
 from .kohya_lora import (LoraFormatError, OurLora, kohya_to_ours, looks_like_kohya, model_module_names,
                          parse_our_lora, read_lora_safetensors)
 from .kohya_names import UnetLayout
@@ -122,35 +122,13 @@ def merge_embeddings_into_bundle(bundle, embedding_files: Sequence) -> list[str]
         f", {emb.name}_1 .. {emb.name}_{emb.n_vectors - 1}" if emb.n_vectors > 1 else "") for emb, _ in plans]
 
 
-def bundle_to_pipeline(bundle):
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
-    common = dict(vae=bundle.vae, text_encoder=bundle.text_encoder, tokenizer=bundle.tokenizer, unet=bundle.unet,
-                  scheduler=bundle.noise_scheduler)
-    if bundle.family == "sdxl":
-        return StableDiffusionXLPipeline(text_encoder_2=bundle.text_encoder_2, tokenizer_2=bundle.tokenizer_2,
-                                         **common)
-    return StableDiffusionPipeline(safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-                                   **common)
-
-
-def save_bundle_as_diffusers(bundle, folder: str | os.PathLike, dtype=None, overwrite: bool = False) -> Path:
-    """Write a diffusers folder next to `folder`, then move it into place (an old one only with overwrite)."""
+def save_bundle_as_diffusers(bundle, folder: str | os.PathLike, dtype=None, overwrite: bool = False,
+                             scheduler=None) -> Path:
+    """Write a diffusers folder under a temporary name, then move it into place (an old one only with overwrite)."""
     folder = Path(folder)
     if folder.exists() and not overwrite:
         raise FileExistsError(f"{folder} already exists (pass --overwrite to replace it)")
-    temp = folder.with_name(f".{folder.name}.tmp{os.getpid()}")
-    old = folder.with_name(f".{folder.name}.old{os.getpid()}")
-    shutil.rmtree(temp, ignore_errors=True)
-    pipe = bundle_to_pipeline(bundle)
+    pipe = bundle_to_pipeline(bundle, scheduler)
     if dtype is not None:
         pipe.to(dtype=dtype)
-    try:
-        pipe.save_pretrained(temp, safe_serialization=True)
-        if folder.exists():
-            os.replace(folder, old)
-        os.replace(temp, folder)
-    finally:
-        shutil.rmtree(temp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
-    return folder
+    return atomic_folder(folder, lambda temp: pipe.save_pretrained(str(temp), safe_serialization=True))

@@ -52,17 +52,10 @@ def resolve_seeds(seed, count: int) -> list[int]:
 
 
 def build_pipeline(bundle: ModelBundle, scheduler, progress: bool = True):
-    """A diffusers pipeline sharing the bundle's modules (nothing is copied)."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    """A diffusers pipeline sharing the bundle's modules (nothing is copied), with the chosen sampler."""
+    from ..models.loading import bundle_to_pipeline
 
-    common = dict(vae=bundle.vae, text_encoder=bundle.text_encoder, tokenizer=bundle.tokenizer, unet=bundle.unet,
-                  scheduler=scheduler)
-    if bundle.family == "sdxl":
-        pipe = StableDiffusionXLPipeline(text_encoder_2=bundle.text_encoder_2, tokenizer_2=bundle.tokenizer_2,
-                                         **common)
-    else:
-        pipe = StableDiffusionPipeline(safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-                                       **common)
+    pipe = bundle_to_pipeline(bundle, scheduler)
     pipe.set_progress_bar_config(disable=not progress, leave=False)
     return pipe
 

@@ -16,6 +16,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from ..convert.merge import bake_adapters
 from ..models.conditioning import TextConditioner
 from ..models.loading import ModelBundle, load_model_bundle, set_requires_grad
 from ..plugins.attach import TEXT_ENCODER_TARGETS
@@ -36,19 +37,6 @@ class InferenceModel:
     device: torch.device
     dtype: torch.dtype
     loaded: list  # the checkpoint files merged in, for the record
-
-
-def bake_adapters(model: torch.nn.Module) -> int:
-    """Merge every PEFT adapter layer into its base weight and put the plain layer back; return the count."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    tuner_layers = [(name, module) for name, module in model.named_modules() if isinstance(module, BaseTunerLayer)]
-    for name, module in tuner_layers:
-        module.merge()
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, module.get_base_layer())
-    return len(tuner_layers)
 
 
 def merge_checkpoint_file(module: torch.nn.Module, path: Path, alpha: float, part_alpha: float = 1.0) -> None:

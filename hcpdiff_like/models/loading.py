@@ -112,6 +112,20 @@ def load_model_bundle(pretrained_model_name_or_path: Optional[str] = None, famil
     return bundle
 
 
+def bundle_to_pipeline(bundle: ModelBundle, scheduler=None):
+    """A diffusers pipeline sharing the bundle's modules (nothing is copied); `scheduler` replaces the noise
+    scheduler (inference samplers)."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    common = dict(vae=bundle.vae, text_encoder=bundle.text_encoder, tokenizer=bundle.tokenizer, unet=bundle.unet,
+                  scheduler=scheduler or bundle.noise_scheduler)
+    if bundle.family == "sdxl":
+        return StableDiffusionXLPipeline(text_encoder_2=bundle.text_encoder_2, tokenizer_2=bundle.tokenizer_2,
+                                         **common)
+    return StableDiffusionPipeline(safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+                                   **common)
+
+
 def load_text_components(pretrained_model_name_or_path: str,
                          single_file_config: Optional[str] = None) -> tuple[list, list]:
     """Only the tokenizer(s) and text encoder(s) of a model (tools that never touch the UNet).

@@ -10,8 +10,6 @@ fall back to the published configs shipped with the package (`--family` forces S
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -45,34 +43,6 @@ def scheduler_for_saving(bundle, config_dir: Path):
     return scheduler_class.from_config(config)
 
 
-def bundle_to_pipeline(bundle, scheduler=None):
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
-    common = dict(vae=bundle.vae, text_encoder=bundle.text_encoder, tokenizer=bundle.tokenizer, unet=bundle.unet,
-                  scheduler=scheduler or bundle.noise_scheduler)
-    if bundle.family == "sdxl":
-        return StableDiffusionXLPipeline(text_encoder_2=bundle.text_encoder_2, tokenizer_2=bundle.tokenizer_2, **common)
-    return StableDiffusionPipeline(safety_checker=None, feature_extractor=None, requires_safety_checker=False, **common)
-
-
-def save_folder_atomically(pipeline, dump_path: Path, overwrite: bool) -> Path:
-    """save_pretrained into a sibling temp folder, then rename it into place (the old one goes last)."""
-    temp = dump_path.with_name(f".{dump_path.name}.tmp{os.getpid()}")
-    old = dump_path.with_name(f".{dump_path.name}.old{os.getpid()}")
-    shutil.rmtree(temp, ignore_errors=True)
-    try:
-        pipeline.save_pretrained(str(temp), safe_serialization=True)
-        if dump_path.exists():
-            if not overwrite:
-                raise FileExistsError(f"{dump_path} exists; pass --overwrite to replace it")
-            os.replace(dump_path, old)
-        os.replace(temp, dump_path)
-    finally:
-        shutil.rmtree(temp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
-    return dump_path
-
-
 def convert(checkpoint_path, dump_path, config_dir, family=None, half=False, overwrite=False,
             extract_ema=False) -> Path:
     import torch
@@ -82,11 +52,11 @@ def convert(checkpoint_path, dump_path, config_dir, family=None, half=False, ove
     dump_path, config_dir = Path(dump_path), Path(config_dir)
     if dump_path.exists() and not overwrite:
         raise FileExistsError(f"{dump_path} exists; pass --overwrite to replace it")
+    from ..convert.merge import save_bundle_as_diffusers
+
     bundle = load_single_file_bundle(checkpoint_path, family=family, config_dir=config_dir, extract_ema=extract_ema)
-    pipeline = bundle_to_pipeline(bundle, scheduler_for_saving(bundle, config_dir))
-    if half:
-        pipeline.to(torch.float16)
-    return save_folder_atomically(pipeline, dump_path, overwrite)
+    return save_bundle_as_diffusers(bundle, dump_path, dtype=torch.float16 if half else None, overwrite=overwrite,
+                                    scheduler=scheduler_for_saving(bundle, config_dir))
 
 
 def main(argv=None) -> int:

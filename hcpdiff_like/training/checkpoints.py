@@ -83,9 +83,10 @@ def atomic_folder(path: str | os.PathLike, write_fn) -> Path:
     temp.mkdir()
     try:
         write_fn(temp)
-        for entry in temp.iterdir():  # the files are on disk before the folder gets its final name
-            with open(entry, "rb") as handle:
-                os.fsync(handle.fileno())
+        for entry in temp.rglob("*"):  # the files are on disk before the folder gets its final name
+            if entry.is_file():
+                with open(entry, "rb") as handle:
+                    os.fsync(handle.fileno())
         if path.exists():
             os.replace(path, old)
         os.replace(temp, path)

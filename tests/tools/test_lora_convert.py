@@ -8,7 +8,8 @@ import pytest
 import torch
 from convert.lora_factory import make_lora_files
 
-from hcpdiff_like.convert.merge import bundle_to_pipeline, merge_lora_into_bundle
+from hcpdiff_like.convert.merge import merge_lora_into_bundle
+from hcpdiff_like.models.loading import bundle_to_pipeline
 from hcpdiff_like.models.loading import load_model_bundle
 from hcpdiff_like.tools import lora_convert
 from hcpdiff_like.training.checkpoints import load_safetensors
