@@ -80,13 +80,8 @@ def run_steps(ckpt_dir: Path) -> list[int]:
     return sorted(steps)
 
 
-def _word_files(ckpt_dir: Path, step: int) -> list[Path]:
-    return sorted(p for p in ckpt_dir.glob(f"*-{step}.pt") if p.is_file() and not p.name.startswith("."))
-
-
 def _load_embeddings(bundle, conditioner, emb_dir: Optional[str], ckpt_dir: Optional[Path],
                      step: Optional[int]) -> list[str]:
-    from ..plugins.embedding_files import read_embedding
     from ..plugins.embeddings import attach_embeddings, load_embedding_dir
 
     files = []
@@ -94,7 +89,7 @@ def _load_embeddings(bundle, conditioner, emb_dir: Optional[str], ckpt_dir: Opti
         files.extend(load_embedding_dir(emb_dir))
     if ckpt_dir is not None and step is not None:
         names = {f.name for f in files}  # emb_dir may be the ckpts folder itself
-        files.extend(read_embedding(p) for p in _word_files(ckpt_dir, step) if p.stem not in names)
+        files.extend(f for f in load_embedding_dir(ckpt_dir, steps=[step]) if f.name not in names)
     if files:
         attach_embeddings(bundle, conditioner, files)
     return [f.name for f in files]
@@ -118,7 +113,7 @@ def load_inference_model(pretrained_model: Optional[str], family: Optional[str] 
             raise InferenceModelError(f"exp_dir is set but model_steps is not; steps saved in {ckpt_dir}: "
                                       f"{available}")
         files = step_files(ckpt_dir, int(step))
-        if not files and not _word_files(ckpt_dir, int(step)):
+        if not files and int(step) not in available:
             raise InferenceModelError(f"model_steps={step}: nothing saved for that step in {ckpt_dir}; "
                                       f"saved steps: {available}")
     extra = []
