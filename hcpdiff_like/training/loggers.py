@@ -167,19 +167,22 @@ class LoggerGroup:
 
 
 class LossMeter:
-    """Loss bookkeeping: last value, HCP's smoothed curve (EMA 0.93), the run's mean, skipped steps."""
+    """Loss bookkeeping: last value, HCP's smoothed curve (EMA 0.93), the run's mean, skipped steps, and the
+    per-step history `(step, loss, smoothed)` that the loss-curve picture is drawn from."""
 
     def __init__(self, smoothing: float = 0.93):
         self.smoothing = smoothing
         self.last: Optional[float] = None
         self.smoothed: Optional[float] = None
         self.total, self.count, self.skipped = 0.0, 0, 0
+        self.history: list[tuple[int, float, float]] = []
 
-    def update(self, loss: float) -> None:
+    def update(self, loss: float, step: Optional[int] = None) -> None:
         self.last = loss
         self.smoothed = loss if self.smoothed is None else self.smoothing * self.smoothed + (1 - self.smoothing) * loss
         self.total += loss
         self.count += 1
+        self.history.append((self.count if step is None else int(step), loss, self.smoothed))
 
     def summary(self) -> dict:
         return {"final_loss": self.last if self.last is not None else float("nan"),
@@ -187,8 +190,37 @@ class LossMeter:
 
     def state_dict(self) -> dict:
         return {"last": self.last, "smoothed": self.smoothed, "total": self.total, "count": self.count,
-                "skipped": self.skipped}
+                "skipped": self.skipped, "history": [list(row) for row in self.history]}
 
     def load_state_dict(self, state: dict) -> None:
         self.last, self.smoothed = state["last"], state["smoothed"]
         self.total, self.count, self.skipped = float(state["total"]), int(state["count"]), int(state["skipped"])
+        self.history = [(int(s), float(l), float(m)) for s, l, m in state.get("history", [])]
+
+
+def plot_loss_curve(history, path) -> "PIL.Image.Image":
+    """loss.png: every step's loss and the smoothed curve; written atomically, returned as a PIL image."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    from .checkpoints import atomic_write
+
+    steps, losses, smoothed = zip(*history)
+    figure, axes = plt.subplots(figsize=(7, 3.5), dpi=100)
+    axes.plot(steps, losses, color="#9ab", linewidth=0.8, label="loss")
+    axes.plot(steps, smoothed, color="#c33", linewidth=1.6, label="smoothed (EMA 0.93)")
+    axes.set_xlabel("step")
+    axes.set_ylabel("loss")
+    axes.grid(alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    plt.close(figure)
+    atomic_write(path, lambda temp: Path(temp).write_bytes(buffer.getvalue()))
+    return Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")

@@ -29,7 +29,7 @@ from ..plugins.lora import lora_metadata, lora_state_dict
 from .checkpoints import BASE_PREFIX, prune_checkpoints, save_safetensors
 from .ema import EMA
 from .experiment import ExperimentDir
-from .loggers import LoggerGroup, LossMeter
+from .loggers import LoggerGroup, LossMeter, plot_loss_curve
 from .model_wrapper import DiffusionWrapper
 from .objective import DiffusionObjective
 from .resume import open_streams, restore_training_state, save_training_state
@@ -252,7 +252,7 @@ class Trainer:
             loss = self.train_step([[next(s) for s in streams] for _ in range(train.gradient_accumulation_steps)])
             self.global_step += 1
             if math.isfinite(loss):
-                meter.update(loss)
+                meter.update(loss, self.global_step)
             else:  # train.on_nonfinite=skip dropped this update (stop raises inside train_step)
                 meter.skipped += 1
                 self.loggers.info(f"step {self.global_step}: non-finite loss, update skipped")
@@ -274,6 +274,9 @@ class Trainer:
                 break
         progress.close()
         self.stop_signal.uninstall()
+        if self.exp.is_main and meter.history:  # the curve people look at first: <exp_dir>/loss.png
+            self.loggers.image("loss_curve", plot_loss_curve(meter.history, self.exp.path / "loss.png"),
+                               self.global_step)
         if not self.stop_signal.signal_name:
             self.save_checkpoint(self.global_step)
         summary = {**meter.summary(), "steps": self.global_step, "seconds": time.time() - started,

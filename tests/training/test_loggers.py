@@ -69,3 +69,22 @@ def test_loss_meter_state_round_trip():
     assert copy.summary() == meter.summary()
     assert meter.summary()["mean_loss"] == (1.0 + 0.5 + 0.25 + 0.125) / 4
     assert abs(meter.smoothed - (((1.0 * 0.93 + 0.07 * 0.5) * 0.93 + 0.07 * 0.25) * 0.93 + 0.07 * 0.125)) < 1e-12
+
+
+def test_loss_curve_picture_holds_every_step(run_train, tmp_path):
+    from PIL import Image
+
+    results, runs = run_train("cfg=demo", "train.train_steps=5", "train.save_step=100", "logger=[console]")
+    picture = runs[0] / "loss.png"
+    assert picture.is_file()
+    with Image.open(picture) as image:
+        assert image.format == "PNG" and image.width > 100
+    from hcpdiff_like.training.loggers import LossMeter
+
+    meter = LossMeter()
+    for step, loss in enumerate([3.0, 1.0, 2.0], start=1):
+        meter.update(loss, step)
+    restored = LossMeter()
+    restored.load_state_dict(meter.state_dict())
+    assert restored.history == meter.history and [s for s, _, _ in meter.history] == [1, 2, 3]
+    assert meter.history[1][2] == 0.93 * 3.0 + 0.07 * 1.0
