@@ -16,6 +16,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from ..config.resolvers import cpu_processes
+from ..config.validation import ConfigError
 from ..data.builder import build_datasets
 from ..infer.training_samples import TrainingSampler
 from ..infer.weighted_captions import conditioner_class
@@ -87,7 +88,7 @@ class Trainer:
         self.trained_words = [group["word"] for group in self.word_groups]
         self.train_text = bool(self.word_groups) or any(t.trains for n, t in self.targets.items() if n != "unet")
         if not any(t.trains for t in self.targets.values()) and not self.word_groups:
-            raise ValueError("nothing to train: the plugin config selects no LoRA blocks or fine-tune groups "
+            raise ConfigError("nothing to train: the plugin config selects no LoRA blocks or fine-tune groups "
                              "and embeddings.train names no word")
         if model.get("gradient_checkpointing"):
             self.bundle.unet.enable_gradient_checkpointing()

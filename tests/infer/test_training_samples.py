@@ -81,7 +81,8 @@ def test_tiny_run_writes_a_sample_grid_per_step(tmp_path, demo_images):
         assert grid.size == (32, 16)  # two 16x16 samples side by side
         record = yaml.safe_load(grid.text["hcpdiff_like.samples"])
     assert record["step"] == 0 and [p["seed"] for p in record["prompts"]] == [0, 5]
-    assert logged == [("samples", (32, 16), 0), ("samples", (32, 16), 1)]
+    assert [entry for entry in logged if entry[0] == "samples"] == [("samples", (32, 16), 0), ("samples", (32, 16), 1)]
+    assert [tag for tag, _, _ in logged if tag != "samples"] == ["loss_curve"]  # the end-of-run loss picture
     assert trainer.bundle.unet.training  # sampling ran in eval mode, then restored the mode
     assert isinstance(trainer.accelerator.unwrap_model(trainer.model).conditioner, WeightedTextConditioner)
 
