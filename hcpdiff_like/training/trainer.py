@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import math
-import os
 import time
 from pathlib import Path
 from typing import Optional
@@ -301,20 +300,28 @@ class Trainer:
             metadata.update(lora_metadata(target.lora_specs, target_name, self.bundle.family))
         return state, metadata
 
+    def write_trained_files(self, folder: Path, step: int, words: bool = True,
+                            extra_metadata: Optional[dict] = None) -> list[Path]:
+        """What one step trained, into `folder`: `<target>-<step>.safetensors` per trained model and (words)
+        `<word>-<step>.pt` per trained word. Main process only; returns the paths written."""
+        written = []
+        for name, target in self.targets.items():
+            if target.trains:
+                state, metadata = self.trained_state(name)
+                metadata.update(extra_metadata or {})
+                written.append(save_safetensors(state, Path(folder) / f"{name}-{step}.safetensors", metadata))
+        if words:
+            for word_file in trained_word_files(self.bundle, self.trained_words, step):
+                written.append(write_embedding(word_file, Path(folder) / f"{word_file.name}-{step}.pt"))
+        return written
+
     def save_checkpoint(self, step: int) -> None:
         self.accelerator.wait_for_everyone()
         if self.exp.is_main:
-            for name, target in self.targets.items():
-                if target.trains:
-                    state, metadata = self.trained_state(name)
-                    save_safetensors(state, self.exp.ckpt_dir / f"{name}-{step}.safetensors", metadata)
-                    if self.ema is not None:  # same keys and metadata, averaged weights (docs/training.md)
-                        with self.ema.applied():  # write inside: the state's tensors share the weights' memory
-                            state, metadata = self.trained_state(name)
-                            save_safetensors(state, self.exp.ckpt_dir / "ema" / f"{name}-{step}.safetensors",
-                                             metadata)
-            for word_file in trained_word_files(self.bundle, self.trained_words, step):
-                write_embedding(word_file, self.exp.ckpt_dir / f"{word_file.name}-{step}.pt")
+            self.write_trained_files(self.exp.ckpt_dir, step)
+            if self.ema is not None:  # same keys and metadata, averaged weights (docs/training.md)
+                with self.ema.applied():  # write inside: the state's tensors share the weights' memory
+                    self.write_trained_files(self.exp.ckpt_dir / "ema", step, words=False)
             self.loggers.info(f"saved checkpoints for step {step} in {self.exp.ckpt_dir}")
         if self.cfg.train.get("save_state") or self.stop_signal.signal_name:  # collective: every process
             save_training_state(self, step)

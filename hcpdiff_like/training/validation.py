@@ -37,7 +37,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ..config.validation import ConfigError
 from ..models.conditioning import sdxl_size_info
-from .checkpoints import atomic_write, save_safetensors
+from .checkpoints import atomic_write
 from .objective import latent_loss_mask
 
 CSV_NAME = "validation.csv"
@@ -316,20 +316,8 @@ class ValidationLoop:
         """Best step's weights as ckpts/best/<target>-<step>.safetensors (+ <word>-<step>.pt); older best removed."""
         best_dir = trainer.exp.ckpt_dir / BEST_DIR
         best_dir.mkdir(parents=True, exist_ok=True)
-        written = []
-        for name, target in trainer.targets.items():
-            if target.trains:
-                state, metadata = trainer.trained_state(name)
-                metadata["hcpdiff_like.val_loss"] = repr(self.best_loss)
-                written.append(save_safetensors(state, best_dir / f"{name}-{step}.safetensors", metadata))
-        if getattr(trainer, "trained_words", None):  # trigger words of pivotal tuning / textual inversion
-            from ..plugins.embedding_files import write_embedding
-            from ..plugins.embeddings import trained_word_files
-
-            for word_file in trained_word_files(trainer.bundle, trainer.trained_words, step):
-                path = best_dir / f"{word_file.name}-{step}.pt"
-                write_embedding(word_file, path)
-                written.append(path)
+        written = trainer.write_trained_files(best_dir, step,
+                                              extra_metadata={"hcpdiff_like.val_loss": repr(self.best_loss)})
         summary = json.dumps({"step": int(step), "val_loss": self.best_loss,
                               "files": [p.name for p in written]}, indent=2)
         atomic_write(best_dir / "best.json", lambda temp: Path(temp).write_text(summary, encoding="utf-8"))
