@@ -27,12 +27,12 @@ import torch
 from ..plugins.lora import METADATA_KEY, LoraBlockSpec, lora_metadata
 from ..training.checkpoints import BASE_PREFIX, load_safetensors
 from .kohya_names import (KohyaNameError, UnetLayout, kohya_to_module, module_to_kohya, split_kohya_name)
+from .lycoris_layers import LycorisLayerError, from_kohya_layer, layer_type, peft_state, to_kohya_layer
 
 DOWN, UP, ALPHA = "lora_down.weight", "lora_up.weight", "alpha"
 EMBEDDED_KEY = "hcpdiff_like.lora_blocks"
 # LyCORIS / kohya tensors we do not convert (yet), by key suffix
-UNSUPPORTED_SUFFIXES = {"hada_w1_a": "LoHa", "hada_w1_b": "LoHa", "lokr_w1": "LoKr", "lokr_w1_a": "LoKr",
-                        "lokr_w2": "LoKr", "lokr_w2_a": "LoKr", "dora_scale": "DoRA", "lora_mid.weight":
+UNSUPPORTED_SUFFIXES = {"dora_scale": "DoRA", "lora_mid.weight":
                         "LoCon CP/Tucker", "diff": "full-weight diff", "diff_b": "full-weight diff",
                         "on_input": "IA3", "oft_blocks": "OFT"}
 # first parts of the layer names of a diffusers UNet / transformers CLIP text encoder
@@ -124,9 +124,12 @@ def ours_to_kohya(loras: Sequence[OurLora], sgm_layout: Optional[UnetLayout] = N
                                   "cannot carry them; bake them with python -m hcpdiff_like.tools.merge")
         used, blocks = set(), []
         for block in lora.info["blocks"]:
+            if block["type"] in ("loha", "lokr"):
+                blocks.append(_lycoris_block_to_kohya(lora, block, family, sgm_layout, state, used))
+                continue
             if block["type"] != "lora":
                 raise LoraFormatError(f"{lora.source}: block {block['adapter']} is {block['type']}; only lora "
-                                      "(incl. LoCon conv layers) converts to the webui format")
+                                      "(incl. LoCon conv layers), loha and lokr convert to the webui format")
             rank, alpha = int(block["rank"]), float(block["alpha"])
             for module in block["modules"]:
                 keys = [f"{module}.lora_A.weight", f"{module}.lora_B.weight"]
@@ -158,6 +161,21 @@ def ours_to_kohya(loras: Sequence[OurLora], sgm_layout: Optional[UnetLayout] = N
     return state, metadata
 
 
+def _lycoris_block_to_kohya(lora: OurLora, block: dict, family: str, sgm_layout, state: dict, used: set) -> dict:
+    """A LoHa / LoKr block's layers into `state` (kohya names, scale folded in); the block as the file keeps it."""
+    rank, alpha = int(block["rank"]), float(block["alpha"])
+    for module in block["modules"]:
+        try:
+            tensors, written_alpha, keys = to_kohya_layer(block["type"], module, lora.state, rank, alpha)
+        except LycorisLayerError as error:
+            raise LoraFormatError(f"{lora.source}: block {block['adapter']}: {error}") from error
+        name = module_to_kohya(module, lora.target, family, sgm_layout)
+        state.update({f"{name}.{suffix}": tensor for suffix, tensor in tensors.items()})
+        state[f"{name}.{ALPHA}"] = torch.tensor(written_alpha, dtype=torch.float32)
+        used.update(keys)
+    return dict(block, alpha=float(rank))  # the scale now lives in the tensors
+
+
 def safetensors_hashes(state: dict) -> tuple[str, str]:
     """kohya's `sshs_model_hash` (sha256 of the tensor bytes of the file without metadata) and
     `sshs_legacy_hash` (first 8 hex digits of sha256 over 64 KiB at offset 1 MiB) that webui extensions show."""
@@ -176,15 +194,17 @@ def kohya_metadata(state: dict, family: str, conv_modules: list, loras: Sequence
     """ss_network_dim/alpha: the most common (rank, alpha) of the linear layers; conv_dim/alpha of 3x3 convs."""
     linear = [(int(v.shape[0]), float(state[k[:-len(DOWN)] + ALPHA])) for k, v in state.items()
               if k.endswith(DOWN) and (v.ndim == 2 or tuple(v.shape[2:]) == (1, 1))]
-    rank, alpha = _most_common(linear or conv_modules, (0, 0.0))
-    args = {}
+    lycoris = [(int(b["rank"]), float(b["rank"])) for l in loras for b in l.info["blocks"] if b["type"] != "lora"]
+    rank, alpha = _most_common(linear or conv_modules or lycoris, (0, 0.0))
+    algos = sorted({b["type"] for l in loras for b in l.info["blocks"]} & {"loha", "lokr"})
+    args = {"algo": algos[0]} if len(algos) == 1 else {}
     if conv_modules:
         conv_rank, conv_alpha = _most_common(conv_modules, (0, 0.0))
         args = {"conv_dim": str(conv_rank), "conv_alpha": f"{conv_alpha:g}"}
     steps = {l.metadata.get("hcpdiff_like.step") for l in loras} - {None}
     model_hash, legacy_hash = safetensors_hashes(state)
     metadata = {
-        "ss_network_module": "networks.lora", "ss_network_dim": str(rank),
+        "ss_network_module": "lycoris.kohya" if algos else "networks.lora", "ss_network_dim": str(rank),
         "ss_network_alpha": f"{alpha:g}", "ss_network_args": json.dumps(args),
         "ss_base_model_version": BASE_MODEL_VERSIONS[family], "ss_v2": str(family == "sd2"),
         "ss_training_comment": "converted from hcpdiff_like LoRA files: " + ", ".join(
@@ -212,20 +232,61 @@ def kohya_family(state: dict, metadata: dict) -> str:
 
 
 def _group_modules(kohya: dict) -> dict[str, dict]:
+    """{kohya module name: {tensor suffix: tensor}}, each module one kind: lora, loha or lokr."""
     modules: dict[str, dict] = {}
     for key, tensor in kohya.items():
         name, _, suffix = key.partition(".")
         if suffix in UNSUPPORTED_SUFFIXES:
             raise LoraFormatError(f"key {key}: {UNSUPPORTED_SUFFIXES[suffix]} layers are not supported by the "
-                                  "conversion (plain LoRA and LoCon only)")
-        if suffix not in (DOWN, UP, ALPHA):
+                                  "conversion (LoRA, LoCon, LoHa and LoKr only)")
+        if suffix not in (DOWN, UP, ALPHA) and layer_type(suffix) is None:
             raise LoraFormatError(f"key {key}: unknown kohya LoRA tensor {suffix!r}")
         modules.setdefault(name, {})[suffix] = tensor
     for name, parts in modules.items():
-        for needed in (DOWN, UP):
-            if needed not in parts:
-                raise LoraFormatError(f"kohya LoRA module {name} has no {needed}")
+        kinds = {"lora" if suffix in (DOWN, UP) else layer_type(suffix) for suffix in parts} - {None}
+        if len(kinds) > 1:
+            raise LoraFormatError(f"kohya LoRA module {name} mixes {' and '.join(sorted(kinds))} tensors")
+        if kinds == {"lora"}:
+            for needed in (DOWN, UP):
+                if needed not in parts:
+                    raise LoraFormatError(f"kohya LoRA module {name} has no {needed}")
+        if not kinds:
+            raise LoraFormatError(f"kohya LoRA module {name} has only an alpha, no weights")
     return modules
+
+
+@dataclass
+class _Layer:
+    """One module of a kohya file, as our block needs it."""
+
+    kind: str
+    rank: int
+    alpha: float
+    options: dict
+    state: dict  # our (PEFT) key names -> tensors
+    rank_fixed: bool = True  # False: a LoKr of two full factors, which any rank above half their sides rebuilds
+
+
+def _lora_layer(module: str, parts: dict, auto_scale_alpha: bool) -> _Layer:
+    down, up = parts[DOWN], parts[UP]
+    rank = int(down.shape[0])
+    alpha = float(parts[ALPHA]) if ALPHA in parts else 0.0
+    alpha = float(f"{alpha:.7g}") if alpha else float(rank)  # kohya: no/zero alpha means alpha = rank
+    if auto_scale_alpha:
+        down, up, alpha = _fold_scale(down, up, alpha, rank)
+    return _Layer("lora", rank, alpha, {}, {f"{module}.lora_A.weight": down, f"{module}.lora_B.weight": up})
+
+
+def _lycoris_layer(module: str, parts: dict, source: str, name: str) -> _Layer:
+    tensors = {k: v for k, v in parts.items() if k != ALPHA}
+    kind = layer_type(next(iter(tensors)))
+    alpha = float(f"{float(parts[ALPHA]):.7g}") if ALPHA in parts else None
+    try:
+        rank, alpha, options = from_kohya_layer(kind, tensors, alpha, f"{source}: {name}")
+    except LycorisLayerError as error:
+        raise LoraFormatError(str(error)) from error
+    fixed = not (kind == "lokr" and "lokr_w1" in tensors and "lokr_w2" in tensors)
+    return _Layer(kind, rank, alpha, options, peft_state(module, tensors), fixed)
 
 
 def _embedded_blocks(metadata: dict) -> dict:
@@ -268,19 +329,13 @@ def kohya_to_ours(kohya: dict, metadata: dict, family: Optional[str] = None,
         if known_modules is not None and module not in known_modules.get(target, ()):
             raise LoraFormatError(f"{source}: key {name} -> {target} layer {module!r}, which the model does not "
                                   "have (a LoRA for another model family or architecture?)")
-        down, up = parts[DOWN], parts[UP]
-        rank = int(down.shape[0])
-        alpha = float(parts[ALPHA]) if ALPHA in parts else 0.0
-        alpha = float(f"{alpha:.7g}") if alpha else float(rank)  # kohya: no/zero alpha means alpha = rank
-        if auto_scale_alpha:
-            down, up, alpha = _fold_scale(down, up, alpha, rank)
-        per_target.setdefault(target, {})[module] = (down, up, rank, alpha)
+        layer = (_lora_layer(module, parts, auto_scale_alpha) if DOWN in parts
+                 else _lycoris_layer(module, parts, source, name))
+        per_target.setdefault(target, {})[module] = layer
     result = {}
     for target, modules in per_target.items():
         blocks = _restore_blocks(embedded.get(target), modules) or _blocks_by_rank(modules, target)
-        state = {}
-        for module, (down, up, _, _) in modules.items():
-            state[f"{module}.lora_A.weight"], state[f"{module}.lora_B.weight"] = down, up
+        state = {key: tensor for layer in modules.values() for key, tensor in layer.state.items()}
         info = {"version": 1, "target": target, "family": family, "blocks": blocks}
         our_meta = {METADATA_KEY: json.dumps(info), "hcpdiff_like.family": family}
         if "ss_steps" in metadata:
@@ -289,7 +344,7 @@ def kohya_to_ours(kohya: dict, metadata: dict, family: Optional[str] = None,
     return result
 
 
-def _restore_blocks(embedded: Optional[dict], modules: dict) -> Optional[list]:
+def _restore_blocks(embedded: Optional[dict], modules: dict[str, _Layer]) -> Optional[list]:
     """Our original blocks, when the file still matches them module for module."""
     if not embedded:
         return None
@@ -299,18 +354,23 @@ def _restore_blocks(embedded: Optional[dict], modules: dict) -> Optional[list]:
         return None
     for block in blocks:
         for module in block["modules"]:
-            _, _, rank, alpha = modules[module]
-            if rank != int(block["rank"]) or not math.isclose(alpha, float(block["alpha"]), rel_tol=1e-6):
+            layer = modules[module]
+            if layer.kind != block["type"]:
+                return None
+            if layer.rank_fixed and (layer.rank != int(block["rank"]) or
+                                     not math.isclose(layer.alpha, float(block["alpha"]), rel_tol=1e-6)):
                 return None
     return blocks
 
 
-def _blocks_by_rank(modules: dict, target: str) -> list:
+def _blocks_by_rank(modules: dict[str, _Layer], target: str) -> list:
     groups: dict[tuple, list] = {}
-    for module, (_, _, rank, alpha) in modules.items():
-        groups.setdefault((rank, alpha), []).append(module)
-    specs = [LoraBlockSpec(layers=names, rank=rank, alpha=alpha, modules=names, adapter=f"{target}_g{i}")
-             for i, ((rank, alpha), names) in enumerate(groups.items())]
+    for module, layer in modules.items():
+        key = (layer.kind, layer.rank, layer.alpha, json.dumps(layer.options, sort_keys=True))
+        groups.setdefault(key, []).append(module)
+    specs = [LoraBlockSpec(layers=names, rank=rank, alpha=alpha, modules=names, adapter=f"{target}_g{i}", type=kind,
+                           options=json.loads(options))
+             for i, ((kind, rank, alpha, options), names) in enumerate(groups.items())]
     return json.loads(lora_metadata(specs, target, "")[METADATA_KEY])["blocks"]
 
 

@@ -8,6 +8,8 @@ A config group (`plugin.lora_unet`, `plugin.lora_text_encoder`) is a list of blo
       dropout: 0.0
       lr: 1e-4
       type: lora       # lora | dora | loha | lokr  (LoCon = lora on Conv2d layers, included by default)
+      options: {}      # PEFT options of the type: loha {use_effective_conv2d}, lokr {decompose_factor,
+                       # decompose_both, use_effective_conv2d} (LyCORIS's factor / decompose_both / use_tucker)
 
 Each block becomes one PEFT adapter (`<target>_g<i>`) on the matched Linear/Conv2d layers, and one
 optimizer parameter group with its own lr. Base weights stay frozen.
@@ -24,6 +26,9 @@ import torch
 from .matching import select_layers
 
 LORA_TYPES = ("lora", "dora", "loha", "lokr")
+# per type, the PEFT config options a block may set under `options:` (and the type each must have)
+TYPE_OPTIONS = {"lora": {}, "dora": {}, "loha": {"use_effective_conv2d": bool},
+                "lokr": {"decompose_factor": int, "decompose_both": bool, "use_effective_conv2d": bool}}
 METADATA_KEY = "hcpdiff_like.lora"
 
 
@@ -36,6 +41,7 @@ class LoraBlockSpec:
     lr: float = 1e-4
     type: str = "lora"
     conv: bool = True  # also adapt Conv2d layers inside matched modules (LoCon)
+    options: dict = field(default_factory=dict)  # PEFT options of the type (TYPE_OPTIONS)
     modules: list = field(default_factory=list)  # filled in when attached
     adapter: str = ""
 
@@ -47,8 +53,23 @@ class LoraBlockError(ValueError):
     pass
 
 
+def _checked_options(spec: LoraBlockSpec, where: str) -> dict:
+    allowed = TYPE_OPTIONS.get(spec.type)
+    if allowed is None:
+        raise LoraBlockError(f"{where}: LoRA block type {spec.type!r} is not one of {LORA_TYPES}")
+    options = dict(spec.options or {})
+    for key, value in options.items():
+        if key not in allowed:
+            raise LoraBlockError(f"{where}.options.{key}: not an option of type {spec.type} "
+                                 f"(allowed: {sorted(allowed) or 'none'})")
+        if type(value) is not allowed[key]:
+            raise LoraBlockError(f"{where}.options.{key}: must be {allowed[key].__name__}, got {value!r}")
+    return options
+
+
 def _peft_config(spec: LoraBlockSpec, modules: list[str], rank: int, model: torch.nn.Module):
     alpha = spec.resolved_alpha(rank)
+    options = dict(spec.options or {})
     if spec.type in ("lora", "dora"):
         from peft import LoraConfig
 
@@ -57,11 +78,11 @@ def _peft_config(spec: LoraBlockSpec, modules: list[str], rank: int, model: torc
     if spec.type == "loha":
         from peft import LoHaConfig
 
-        return LoHaConfig(r=rank, alpha=alpha, module_dropout=spec.dropout, target_modules=modules)
+        return LoHaConfig(r=rank, alpha=alpha, module_dropout=spec.dropout, target_modules=modules, **options)
     if spec.type == "lokr":
         from peft import LoKrConfig
 
-        return LoKrConfig(r=rank, alpha=alpha, module_dropout=spec.dropout, target_modules=modules)
+        return LoKrConfig(r=rank, alpha=alpha, module_dropout=spec.dropout, target_modules=modules, **options)
     raise LoraBlockError(f"LoRA block type {spec.type!r} is not one of {LORA_TYPES}")
 
 
@@ -95,10 +116,14 @@ def attach_lora_blocks(model: torch.nn.Module, blocks: Sequence[dict | LoraBlock
     for index, block in enumerate(blocks):
         values = dict(defaults)
         values.update(block if isinstance(block, dict) else asdict(block))
-        values = {k: v for k, v in values.items() if k in LoraBlockSpec.__dataclass_fields__}
+        unknown = sorted(set(values) - set(LoraBlockSpec.__dataclass_fields__))
+        if unknown:
+            raise LoraBlockError(f"plugin.lora_{target}[{index}].{unknown[0]}: unknown LoRA block key (known: "
+                                 "layers, rank, alpha, dropout, lr, type, conv, options)")
         if "layers" not in values:
             raise LoraBlockError(f"plugin.lora_{target}[{index}]: 'layers' is required")
         spec = LoraBlockSpec(**values)
+        spec.options = _checked_options(spec, f"plugin.lora_{target}[{index}]")
         modules = select_layers(model, list(spec.layers), conv=spec.conv)
         if not modules:
             raise LoraBlockError(f"plugin.lora_{target}[{index}]: layers {list(spec.layers)} match no "
@@ -141,7 +166,8 @@ def lora_state_dict(model: torch.nn.Module, specs: Sequence[LoraBlockSpec]) -> d
 
 def lora_metadata(specs: Sequence[LoraBlockSpec], target: str, family: str) -> dict[str, str]:
     blocks = [{"adapter": s.adapter, "type": s.type, "rank": int(s.rank), "alpha": s.resolved_alpha(int(s.rank)),
-               "dropout": s.dropout, "conv": s.conv, "modules": list(s.modules)} for s in specs]
+               "dropout": s.dropout, "conv": s.conv, "modules": list(s.modules),
+               **({"options": dict(s.options)} if s.options else {})} for s in specs]
     return {METADATA_KEY: json.dumps({"version": 1, "target": target, "family": family, "blocks": blocks})}
 
 
@@ -155,7 +181,8 @@ def load_lora_into(model: torch.nn.Module, state: dict[str, torch.Tensor], metad
                              "(convert kohya/webui files with python -m hcpdiff_like.tools.lora_convert)")
     info = json.loads(metadata[METADATA_KEY])
     blocks = [{"layers": b["modules"], "rank": b["rank"], "alpha": b["alpha"] * scale, "dropout": 0.0,
-               "type": b["type"], "conv": b.get("conv", True)} for b in info["blocks"]]
+               "type": b["type"], "conv": b.get("conv", True), "options": b.get("options", {})}
+              for b in info["blocks"]]
     specs = attach_lora_blocks(model, blocks, info["target"])
     for spec in specs:
         prefixes = tuple(m + "." for m in spec.modules)

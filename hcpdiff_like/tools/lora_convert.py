@@ -6,8 +6,10 @@
     # webui/kohya -> ours: writes unet-<name>, text_encoder-<name> (, text_encoder_2-<name>) into --dump_path
     python -m hcpdiff_like.tools.lora_convert --from_webui --lora_path lora.safetensors --dump_path converted/
 
-Both sides use scale = alpha / rank, so tensors are copied unchanged and ours -> webui -> ours is
-bit-exact. --auto_scale_alpha folds alpha/rank into the tensors and writes alpha = rank (same effect).
+Both sides use scale = alpha / rank, so LoRA/LoCon tensors are copied unchanged and ours -> webui -> ours
+is bit-exact. --auto_scale_alpha folds alpha/rank into the tensors and writes alpha = rank (same effect).
+LoHa and LoKr blocks are written in the LyCORIS layout webui and ComfyUI read (hada_* / lokr_* keys), with
+alpha/rank folded into the first factor (docs/formats.md says why); LyCORIS files convert back to ours.
 SDXL UNet keys are written in kohya's own SGM names (input_blocks_*) unless --unet_names diffusers;
 the SGM numbering needs the UNet layout: pass --model (the base model) for models that are not SDXL-base
 shaped. --model also checks, for --from_webui, that every layer of the file exists in that model.

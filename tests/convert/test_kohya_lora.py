@@ -103,9 +103,9 @@ def test_wrong_inputs_fail_clearly(sd1_files, sdxl_files, tmp_path):
     broken.pop(next(k for k in kohya if k.endswith("lora_up.weight")))
     with pytest.raises(LoraFormatError, match="has no lora_up.weight"):
         kohya_to_ours(broken, {})
-    loha = {"lora_unet_mid_block_attentions_0_proj_in.hada_w1_a": torch.zeros(2, 2)}
-    with pytest.raises(LoraFormatError, match="LoHa"):
-        kohya_to_ours(loha, {})
+    oft = {"lora_unet_mid_block_attentions_0_proj_in.oft_blocks": torch.zeros(2, 2)}
+    with pytest.raises(LoraFormatError, match="OFT layers are not supported"):
+        kohya_to_ours(oft, {})
     with pytest.raises(LoraFormatError, match="SDXL LoRA, not for sd1"):
         kohya_to_ours(ours_to_kohya([read_our_lora(p) for p in sdxl_files.values()])[0], {}, family="sd1")
     with pytest.raises(LoraFormatError, match="does not have"):

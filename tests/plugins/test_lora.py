@@ -1,12 +1,14 @@
 """LoRA blocks land exactly where the patterns match, with their own rank/alpha/lr, and reload exactly."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 
 from hcpdiff_like.models.loading import load_model_bundle
-from hcpdiff_like.plugins.lora import (LoraBlockError, attach_lora_blocks, load_lora_into, lora_metadata,
+from hcpdiff_like.plugins.lora import (METADATA_KEY, LoraBlockError, attach_lora_blocks, load_lora_into, lora_metadata,
                                       lora_state_dict)
 from hcpdiff_like.plugins.matching import match_module_names, select_layers
 
@@ -43,6 +45,32 @@ def test_overlapping_blocks_and_empty_matches_are_errors(tiny_sd1):
         attach_lora_blocks(unet, [{"layers": ["re:nothing_here"]}], "unet")
     with pytest.raises(LoraBlockError, match="already taken"):
         attach_lora_blocks(unet, [{"layers": [r"re:.*\.attn1$"]}, {"layers": [r"re:.*attn1\.to_q$"]}], "unet")
+
+
+def test_block_options_reach_peft_and_typos_are_errors(tiny_sd1):
+    unet = load_model_bundle(str(tiny_sd1)).unet
+    specs = attach_lora_blocks(unet, [{"layers": [r"re:.*\.attn2$"], "rank": 1, "type": "lokr",
+                                       "options": {"decompose_both": True, "decompose_factor": 4}},
+                                      {"layers": [r"re:up_blocks\.1\.resnets\.1$"], "rank": 2, "type": "loha",
+                                       "options": {"use_effective_conv2d": True}}], "unet")
+    names = {name.rsplit(".", 1)[0] for name, _ in unet.named_parameters()}
+    to_q = "mid_block.attentions.0.transformer_blocks.0.attn2.to_q"  # 32 wide: factor 4 -> w1 4x4, rank 1 < 4 / 2
+    assert f"{to_q}.lokr_w1_a" in names and f"{to_q}.lokr_w1" not in names  # decompose_both
+    w1 = dict(unet.named_parameters())[f"{to_q}.lokr_w1_a.{specs[0].adapter}"]
+    assert w1.shape[0] == 4
+    assert "up_blocks.1.resnets.1.conv1.hada_t1" in names  # Tucker conv (use_effective_conv2d)
+    assert json.loads(lora_metadata(specs, "unet", "sd1")[METADATA_KEY])["blocks"][1]["options"] == {
+        "use_effective_conv2d": True}
+    fresh = load_model_bundle(str(tiny_sd1)).unet
+    with pytest.raises(LoraBlockError, match=r"plugin.lora_unet\[0\].options.decompose_both: not an option of type "
+                                             "loha"):
+        attach_lora_blocks(fresh, [{"layers": [r"re:.*\.attn2$"], "type": "loha", "options": {"decompose_both": True}}],
+                           "unet")
+    with pytest.raises(LoraBlockError, match=r"options.decompose_factor: must be int, got '4'"):
+        attach_lora_blocks(fresh, [{"layers": [r"re:.*\.attn2$"], "type": "lokr", "options": {"decompose_factor": "4"}}],
+                           "unet")
+    with pytest.raises(LoraBlockError, match=r"plugin.lora_unet\[0\].ranks: unknown LoRA block key"):
+        attach_lora_blocks(fresh, [{"layers": [r"re:.*\.attn2$"], "ranks": 8}], "unet")
 
 
 def test_text_encoder_lora_and_reload_gives_identical_outputs(tiny_sd1):

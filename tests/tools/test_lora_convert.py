@@ -115,3 +115,37 @@ def test_help_and_wrong_inputs(converted, tmp_path, capsys):
                               "--model", str(model)]) == 2
     assert "is sd1, but" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
+
+
+def test_sdxl_loha_and_lokr_through_the_cli(tiny_sdxl, tmp_path):
+    """LyCORIS layers in kohya's SGM names for SDXL, both text encoders; back to ours, baked the same."""
+    blocks = {"unet": [{"layers": [r"re:.*\.attn1$"], "rank": 2, "alpha": 1, "type": "loha"},
+                       {"layers": [r"re:.*\.attn2$"], "rank": 2, "alpha": 3, "type": "lokr"}],
+              "text_encoder": [{"layers": [r"re:.*self_attn$"], "rank": 2, "alpha": 1, "type": "loha"}],
+              "text_encoder_2": [{"layers": [r"re:.*mlp$"], "rank": 1, "alpha": 2, "type": "lokr"}]}
+    files = make_lora_files(tiny_sdxl, "sdxl", tmp_path / "ours", blocks=blocks)
+    webui = tmp_path / "lycoris.safetensors"
+    assert to_webui(files, webui, "--model", str(tiny_sdxl)) == 0
+    state, metadata = load_safetensors(webui)
+    assert metadata["ss_network_module"] == "lycoris.kohya"
+    assert any(k.startswith("lora_unet_input_blocks_") and k.endswith(".hada_w1_a") for k in state)
+    assert any(k.startswith("lora_te2_text_model_") and ".lokr_w" in k for k in state)
+    ours, theirs, base = (load_model_bundle(str(tiny_sdxl)) for _ in range(3))
+    merge_lora_into_bundle(ours, [(path, 1.0) for path in files.values()])
+    merge_lora_into_bundle(theirs, [(webui, 1.0)])
+    with torch.no_grad():
+        ids = torch.tensor([[512, 70, 71, 72, 73] + [513] * 72])
+        for mine, their, plain in zip(ours.text_encoders, theirs.text_encoders, base.text_encoders):
+            expected = mine(ids).last_hidden_state
+            assert not torch.allclose(plain(ids).last_hidden_state, expected, atol=1e-3)
+            assert torch.allclose(their(ids).last_hidden_state, expected, atol=1e-5)
+        sample, timesteps, context, extra = unet_inputs(ours.unet, "sdxl")
+        expected = ours.unet(sample, timesteps, context, **extra).sample
+        assert not torch.allclose(base.unet(sample, timesteps, context, **extra).sample, expected, atol=1e-3)
+        assert torch.allclose(theirs.unet(sample, timesteps, context, **extra).sample, expected, atol=1e-5)
+    back = tmp_path / "back"
+    assert lora_convert.main(["--from_webui", "--lora_path", str(webui), "--dump_path", str(back),
+                              "--model", str(tiny_sdxl)]) == 0
+    for target, path in files.items():
+        again = load_safetensors(back / f"{target}-{webui.name}")
+        assert again[0].keys() == load_safetensors(path)[0].keys()
