@@ -80,9 +80,11 @@ class NonFiniteGuard:
         self.pending = False
         self.skipped: list[int] = []
 
-    def skip_update(self, loss: float, step: int, accelerator=None) -> bool:
-        """Call after backward, before the optimizer step; True: zero the gradients and skip the update."""
-        bad = _any_process(accelerator, not math.isfinite(loss))
+    def skip_update(self, loss: float, step: int, accelerator=None, agreed: bool = False) -> bool:
+        """Call after backward, before the optimizer step; True: zero the gradients and skip the update.
+        `agreed`: the loss is already the same on every process (reduced), so no collective is needed."""
+        finite = math.isfinite(loss)
+        bad = (not finite) if agreed else _any_process(accelerator, not finite)
         if bad and self.mode == "stop":
             raise NonFiniteLossError(f"non-finite loss ({loss}) at step {step}: training stopped before the "
                                      f"update; the last good checkpoint is in {self.ckpt_dir}. Lower the lr, "

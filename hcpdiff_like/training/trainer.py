@@ -192,11 +192,14 @@ class Trainer:
         total = 0.0
         for micro_batches in micro_steps:
             with self.accelerator.accumulate(self.model):
+                micro_loss = 0.0
                 for handle, batch in zip(self.datasets, micro_batches):
                     loss = self.diffusion_loss(batch) * handle.loss_weight  # prior preservation: class data
                     self.accelerator.backward(loss)
-                    total += loss.detach().item()
-                if self.nonfinite.skip_update(total, self.global_step + 1, self.accelerator):  # on_nonfinite=skip
+                    micro_loss = micro_loss + loss.detach().float()
+                total += self.mean_over_processes(micro_loss)
+                # the mean is the same on every rank (a NaN anywhere makes it NaN), so the ranks agree on it
+                if self.nonfinite.skip_update(total, self.global_step + 1, self.accelerator, agreed=True):
                     for optimizer in self.optimizers:
                         optimizer.zero_grad(set_to_none=True)
                     for lr_scheduler in self.lr_schedulers:
@@ -205,6 +208,12 @@ class Trainer:
                 if self.accelerator.sync_gradients:
                     self.optimizer_step()
         return total / len(micro_steps)
+
+    def mean_over_processes(self, loss: torch.Tensor) -> float:
+        """The loss averaged over all processes: one all-reduce and one host sync per micro-step."""
+        if self.accelerator.num_processes > 1:
+            loss = self.accelerator.reduce(loss.reshape(1), reduction="mean")
+        return float(loss.item())
 
     def diffusion_loss(self, batch: dict) -> torch.Tensor:
         """x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) eps;  loss = w(t) * criterion(model(x_t, t, text), target)."""

@@ -1,10 +1,13 @@
 """Two CPU processes (torchrun, gloo DDP): one experiment dir, only rank 0 writes, identical weights on
-both ranks, and a training state that holds each rank's own RNG."""
+both ranks, the logged loss is the mean of the ranks' own losses, and a training state that holds each
+rank's own RNG."""
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from hcpdiff_like.training.checkpoints import load_safetensors
@@ -13,22 +16,30 @@ from subprocess_runs import child_env, only_dir
 
 # The real entry point; after training, every rank writes a hash of its trained parameters.
 HASHING_ENTRY = """
-import hashlib, os, sys
+import hashlib, json, os, sys
 from hcpdiff_like.training.trainer import Trainer
 
-original_train = Trainer.train
+original_train, original_loss = Trainer.train, Trainer.diffusion_loss
+local_losses = []
+
+def loss_and_record(self, batch):  # this rank's own loss, before any averaging
+    loss = original_loss(self, batch)
+    local_losses.append(float(loss))
+    return loss
 
 def train_and_hash(self):
     summary = original_train(self)
     digest = hashlib.sha256()
     for param in self.trainable_parameters:
         digest.update(param.detach().cpu().numpy().tobytes())
-    path = os.path.join(os.environ["HASH_DIR"], f"rank{self.accelerator.process_index}.sha256")
-    with open(path, "w") as handle:
+    rank = self.accelerator.process_index
+    with open(os.path.join(os.environ["HASH_DIR"], f"rank{rank}.sha256"), "w") as handle:
         handle.write(digest.hexdigest())
+    with open(os.path.join(os.environ["HASH_DIR"], f"rank{rank}.json"), "w") as handle:
+        json.dump({"local": local_losses, "final_loss": summary["final_loss"]}, handle)
     return summary
 
-Trainer.train = train_and_hash
+Trainer.train, Trainer.diffusion_loss = train_and_hash, loss_and_record
 from hcpdiff_like.train import main
 sys.argv = ["hcpdiff_like.train", *sys.argv[1:]]
 main()
@@ -51,6 +62,12 @@ def test_two_processes_share_one_dir_and_end_identical(tmp_path, tiny_sd1):
     exp_dir = only_dir(root)  # one timestamp shared by both ranks
     rank0, rank1 = (hashes / "rank0.sha256").read_text(), (hashes / "rank1.sha256").read_text()
     assert rank0 == rank1, "DDP ranks ended with different weights"
+
+    losses = [json.loads((hashes / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert losses[0]["local"][-1] != losses[1]["local"][-1], "the ranks train on different shards"
+    mean_of_ranks = (losses[0]["local"][-1] + losses[1]["local"][-1]) / 2
+    assert losses[0]["final_loss"] == pytest.approx(mean_of_ranks, rel=1e-6)
+    assert losses[1]["final_loss"] == losses[0]["final_loss"]
 
     log = (exp_dir / "train.log").read_text()
     assert "processes: 2, total batch per optimizer step: 4" in log
