@@ -17,7 +17,9 @@ from hcpdiff_like.models.loading import load_model_bundle
 from hcpdiff_like.plugins.lora import attach_lora_blocks, load_lora_into, lora_metadata, lora_state_dict
 from hcpdiff_like.training.checkpoints import save_safetensors
 
-lycoris_modules = pytest.importorskip("lycoris.modules")
+def lycoris():
+    """LyCORIS's layer modules (the `lycoris-lora` test dependency)."""
+    return pytest.importorskip("lycoris.modules")
 
 # every shape case: LoHa on linears and 3x3 convs (plain and Tucker), LoKr with w2 decomposed or full,
 # both factors decomposed, and a non-default factor; alphas that are not the rank
@@ -69,8 +71,8 @@ def apply_with_lycoris(model, kohya: dict, target: str) -> int:
             continue
         kohya_name = module_to_kohya(name, target, "sd1")
         if kohya_name in names:
-            kind, params = lycoris_modules.get_module(kohya, kohya_name)
-            lycoris_modules.make_module(kind, params, kohya_name, module).merge_to(1.0)
+            kind, params = lycoris().get_module(kohya, kohya_name)
+            lycoris().make_module(kind, params, kohya_name, module).merge_to(1.0)
             applied += 1
     return applied
 
@@ -119,20 +121,21 @@ def apply_with_webui_formula(model, kohya: dict, target: str) -> None:
                 module.weight += webui_delta(parts, module.weight.shape)
 
 
-def test_our_loha_and_lokr_files_load_in_lycoris_and_by_the_webui_rules(trained, tiny_sd1):
+@pytest.mark.parametrize("consumer", ["lycoris", "webui_formula"])
+def test_our_loha_and_lokr_files_load_in_lycoris_and_by_the_webui_rules(consumer, trained, tiny_sd1):
     loras, adapted_unet, adapted_te = trained
     kohya, metadata = ours_to_kohya(loras)
     assert metadata["ss_network_module"] == "lycoris.kohya"
     assert {k.partition(".")[2] for k in kohya} >= {"hada_w1_a", "hada_t1", "lokr_w1", "lokr_w1_a", "lokr_w2_b",
                                                      "alpha"}
-    for consumer in (apply_with_lycoris, apply_with_webui_formula):
-        fresh = load_model_bundle(str(tiny_sd1))
-        base = unet_output(fresh.unet)
-        consumer(fresh.unet, kohya, "unet")
-        consumer(fresh.text_encoder, kohya, "text_encoder")
-        assert (adapted_unet - base).abs().max() > 1e-2  # the LoRA changes the output, so the check can fail
-        torch.testing.assert_close(unet_output(fresh.unet), adapted_unet, atol=2e-5, rtol=1e-4)
-        torch.testing.assert_close(te_output(fresh.text_encoder), adapted_te, atol=2e-5, rtol=1e-4)
+    apply = apply_with_lycoris if consumer == "lycoris" else apply_with_webui_formula
+    fresh = load_model_bundle(str(tiny_sd1))
+    base = unet_output(fresh.unet)
+    apply(fresh.unet, kohya, "unet")
+    apply(fresh.text_encoder, kohya, "text_encoder")
+    assert (adapted_unet - base).abs().max() > 1e-2  # the LoRA changes the output, so the check can fail
+    torch.testing.assert_close(unet_output(fresh.unet), adapted_unet, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(te_output(fresh.text_encoder), adapted_te, atol=2e-5, rtol=1e-4)
 
 
 def test_round_trip_restores_the_blocks_and_the_model(trained, tiny_sd1):
@@ -163,7 +166,7 @@ def lycoris_file(unet, alpha_of_rank: float) -> dict:
     generator = torch.Generator().manual_seed(3)
     state = {}
     for module, (kind, options) in layers.items():
-        cls = lycoris_modules.LohaModule if kind == "loha" else lycoris_modules.LokrModule
+        cls = lycoris().LohaModule if kind == "loha" else lycoris().LokrModule
         name = module_to_kohya(module, "unet", "sd1")
         layer = cls(name, named[module], 1.0, 2, 2 * alpha_of_rank, **options)
         for key, tensor in layer.custom_state_dict().items():
