@@ -141,8 +141,9 @@ def save_training_state(trainer, step: int) -> Optional[Path]:
 
 
 # ---------------------------------------------------------------------------------------------- restore
-def restore_training_state(trainer, resume: str | Path) -> dict:
-    """Load the state into a set-up trainer; returns this process's RNG state for `open_streams`."""
+def restore_training_state(trainer, resume: str | Path) -> Optional[dict]:
+    """Load the state into a set-up trainer; returns this process's RNG state for `open_streams` (None when
+    the state came from another number of processes, see `_continue_elsewhere`)."""
     from .state_files import read_state
 
     folder = find_state(resume)
@@ -150,9 +151,7 @@ def restore_training_state(trainer, resume: str | Path) -> dict:
     if state.get("format") != STATE_FORMAT:
         raise ResumeError(f"{folder}: not a training state of this version ({state.get('format')!r})")
     accelerator = trainer.accelerator
-    if state["num_processes"] != accelerator.num_processes:
-        raise ResumeError(f"{folder} was saved by {state['num_processes']} processes; this run has "
-                          f"{accelerator.num_processes} (resume with the same number of processes)")
+    same_processes = state["num_processes"] == accelerator.num_processes
     params = _trainable(trainer)
     if set(params) != set(state["trainable"]):
         raise ResumeError(f"{folder}: the saved trainable parameters ({len(state['trainable'])}) do not match "
@@ -178,18 +177,42 @@ def restore_training_state(trainer, resume: str | Path) -> dict:
             extras[name].load_state_dict(_to_device(saved, accelerator.device))
         else:
             trainer.loggers.info(f"warning: the saved state has '{name}', this run has no such part")
-    mine = state["processes"][accelerator.process_index]
-    for handle, position in zip(trainer.datasets, mine["data"]):
-        handle.load_state_dict(position)
-        if handle.batch_in_epoch >= len(handle.loader):  # the epoch was complete: start the next one
-            handle.load_state_dict({**position, "epoch": handle.epoch + 1, "batch_in_epoch": 0})
     trainer.global_step = int(state["step"])
+    if same_processes:
+        mine = state["processes"][accelerator.process_index]
+        for handle, position in zip(trainer.datasets, mine["data"]):
+            handle.load_state_dict(position)
+            if handle.batch_in_epoch >= len(handle.loader):  # the epoch was complete: start the next one
+                handle.load_state_dict({**position, "epoch": handle.epoch + 1, "batch_in_epoch": 0})
+        rng = mine["rng"]
+    else:
+        rng = _continue_elsewhere(trainer, state, folder)
     if hasattr(accelerator, "step"):
         accelerator.step = int(state["accelerator_step"])
     if hasattr(trainer, "loggers"):
         trainer.loggers.resumed(trainer.global_step)
         trainer.loggers.info(f"resumed from {folder} at step {trainer.global_step} (saved {state['saved_at']})")
-    return mine["rng"]
+    return rng
+
+
+def _continue_elsewhere(trainer, state: dict, folder: Path) -> None:
+    """A state saved by another number of processes: the data shards and per-process RNG streams do not map
+    onto this run's, so each dataset starts its next epoch (the plan of every epoch is fixed by seed + epoch)
+    and every process is seeded anew from seed + step + rank. Weights, optimizers, lr schedules and the step
+    continue exactly; the run is no longer bit-identical to an uninterrupted one."""
+    from accelerate.utils import set_seed
+
+    accelerator = trainer.accelerator
+    for index, handle in enumerate(trainer.datasets):
+        positions = [process["data"][index] for process in state["processes"]]
+        epoch = max(int(p["epoch"]) + (1 if int(p["batch_in_epoch"]) > 0 else 0) for p in positions)
+        handle.load_state_dict({"epoch": epoch, "batch_in_epoch": 0})
+    set_seed(int(trainer.cfg.seed) + int(state["step"]) + accelerator.process_index)
+    if hasattr(trainer, "loggers"):
+        trainer.loggers.info(f"warning: {folder} was saved by {state['num_processes']} processes, this run has "
+                             f"{accelerator.num_processes}: weights, optimizer and lr schedule continue exactly, the "
+                             "data restarts at the next epoch and the RNG is seeded anew (not bit-identical)")
+    return None
 
 
 def _to_device(value: Any, device) -> Any:

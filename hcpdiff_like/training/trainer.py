@@ -248,13 +248,14 @@ class Trainer:
         from tqdm.auto import tqdm
 
         train = self.cfg.train
-        resumed_rng = restore_training_state(self, train.resume) if train.get("resume") else None
+        resumed = bool(train.get("resume"))
+        resumed_rng = restore_training_state(self, train.resume) if resumed else None
         streams = open_streams(self.datasets, resumed_rng)  # data order and RNG continue where the state left
         self.stop_signal.install()  # SIGINT/SIGTERM: finish the current step, save, stop (training/signals.py)
         progress = tqdm(total=train.train_steps, initial=self.global_step, desc="train", unit="step",
                         disable=not self.accelerator.is_main_process, dynamic_ncols=True)
         meter, started = self.loss_meter, time.time()
-        if resumed_rng is None:
+        if not resumed:
             self.validator.maybe_validate(self.global_step, self)  # baseline before the first step
             self.sampler.maybe_sample(self.global_step, self)  # sample.at_start
         while self.global_step < train.train_steps:

@@ -1,6 +1,6 @@
 """Two CPU processes (torchrun, gloo DDP): one experiment dir, only rank 0 writes, identical weights on
-both ranks, the logged loss is the mean of the ranks' own losses, and a training state that holds each
-rank's own RNG."""
+both ranks, the logged loss is the mean of the ranks' own losses, a training state that holds each
+rank's own RNG, and a one-process run that continues that state."""
 from __future__ import annotations
 
 import json
@@ -80,3 +80,21 @@ def test_two_processes_share_one_dir_and_end_identical(tmp_path, tiny_sd1):
     rng0, rng1 = (p["rng"]["torch"] for p in saved["processes"])
     assert not torch.equal(rng0, rng1), "each rank's own RNG state is saved (seed + rank)"
     assert [p["data"] for p in saved["processes"]][0] == [p["data"] for p in saved["processes"]][1]
+
+    # the same state continued by one process: weights, optimizer and step carry on (not bit-exact: new
+    # shards and RNG streams), and the run says so
+    resume = [sys.executable, "-m", "hcpdiff_like.train", "cfg=demo", "logger=[console]", "train.train_steps=6",
+              "train.save_step=1000", f"model.pretrained_model_name_or_path={tiny_sd1}", f"exp_root={root}",
+              f"train.resume={exp_dir}"]
+    result = subprocess.run(resume, env=child_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    log = (exp_dir / "train.log").read_text()
+    assert "was saved by 2 processes, this run has 1" in log and "resumed from" in log
+    assert "processes: 1, total batch per optimizer step: 2" in log
+    before = load_safetensors(exp_dir / "ckpts" / "unet-4.safetensors")[0]
+    after = load_safetensors(exp_dir / "ckpts" / "unet-6.safetensors")[0]
+    assert before.keys() == after.keys() and any(not torch.equal(before[k], after[k]) for k in before)
+    # lora_B starts at zero and Adam moves it about lr per step: 2 steps from scratch would stay below step 4's
+    def norm(state):
+        return sum(float(v.norm()) for k, v in state.items() if "lora_B" in k)
+    assert norm(after) > norm(before)
