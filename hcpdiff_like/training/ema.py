@@ -3,9 +3,9 @@
     train:
       ema: {decay: 0.9999, power: 0.6667, update_after_step: 0, use_ema_warmup: true}
 
-The average covers every trained tensor of the plugins (LoRA blocks and fine-tuned base weights), is
-updated after each optimizer step, and is saved next to the live weights: `ckpts/ema/<target>-<step>.safetensors`,
-with exactly the keys and metadata of `ckpts/<target>-<step>.safetensors`, so the same loaders read it.
+The average covers every trained tensor (LoRA blocks, fine-tuned base weights, trigger words), is updated
+after each optimizer step, and is saved next to the live weights: `ckpts/ema/<target>-<step>.safetensors`
+and `ckpts/ema/<word>-<step>.pt`, with exactly the keys and metadata of the live files, so the same loaders read them.
 The decay at update n (counted after `update_after_step`) is min(decay, (1 + n) / (10 + n)), or with
 `use_ema_warmup` min(decay, 1 - (1 + n / inv_gamma) ** -power) (HCP-Diffusion's ModelEMA schedule).
 """

@@ -121,7 +121,7 @@ class Trainer:
         self.lr_schedulers = list(prepared[1 + count:])
         self.bundle.vae.to(self.accelerator.device)
         ema_options = train.get("ema")  # after prepare: the average lives on the training device
-        self.ema = EMA([p for g in param_groups for p in g["params"]],
+        self.ema = EMA([p for g in param_groups + self.word_groups for p in g["params"]],  # words too (pivotal)
                        **OmegaConf.to_container(ema_options)) if ema_options else None
         self._log_setup(param_groups + self.word_groups)
         return self
@@ -331,7 +331,7 @@ class Trainer:
             self.write_trained_files(self.exp.ckpt_dir, step)
             if self.ema is not None:  # same keys and metadata, averaged weights (docs/training.md)
                 with self.ema.applied():  # write inside: the state's tensors share the weights' memory
-                    self.write_trained_files(self.exp.ckpt_dir / "ema", step, words=False)
+                    self.write_trained_files(self.exp.ckpt_dir / "ema", step)
             self.loggers.info(f"saved checkpoints for step {step} in {self.exp.ckpt_dir}")
         if self.cfg.train.get("save_state") or self.stop_signal.signal_name:  # collective: every process
             save_training_state(self, step)

@@ -69,3 +69,26 @@ def test_training_saves_ema_checkpoints_that_load(tmp_path, demo_images, tiny_sd
     fresh = load_model_bundle(trainer.bundle.source).unet
     load_lora_into(fresh, averaged, ema_meta)  # the same loader reads it
     trainer.cleanup()
+
+
+def test_trigger_words_are_averaged_too(tmp_path, demo_images, tiny_sd1):
+    """Pivotal / TI runs: ckpts/ema/ holds the averaged word next to the averaged network, a matching set."""
+    from hcpdiff_like.plugins.embedding_files import create_embedding, read_embedding
+    from hcpdiff_like.plugins.embeddings import trained_word_files
+    from hcpdiff_like.training.trainer import Trainer
+
+    embs = tmp_path / "embs"
+    create_embedding(str(tiny_sd1), "sks_shape", 2, out_dir=embs, seed=0)
+    cfg = compose_config(["cfg=textual_inversion", "model=tiny_sd1", "logger=[console]", "word=sks_shape",
+                          f"dataset_dir={demo_images}", f"embeddings.emb_dir={embs}", "data.dataset1.resolution=64",
+                          "train.train_steps=3", "train.save_step=100", "embeddings.train.0.lr=1e-2",
+                          "train.ema={decay: 0.5}"])
+    trainer = Trainer(cfg, exp_dir=str(tmp_path / "exp")).setup()
+    trainer.train()
+    live = read_embedding(trainer.exp.ckpt_dir / "sks_shape-3.pt").vectors[0]
+    averaged = read_embedding(trainer.exp.ckpt_dir / "ema" / "sks_shape-3.pt").vectors[0]
+    assert not torch.equal(live, averaged)
+    with trainer.ema.applied():
+        assert torch.equal(trained_word_files(trainer.bundle, ["sks_shape"], 3)[0].vectors[0], averaged)
+    assert torch.equal(trained_word_files(trainer.bundle, ["sks_shape"], 3)[0].vectors[0], live)  # restored
+    trainer.cleanup()
