@@ -14,7 +14,8 @@ is noised at every fixed timestep with noise from a CPU generator seeded with `s
 timestep by timestep), and the mean loss of the model's prediction against the objective's target is
 logged (`val_loss`, `val_loss/<set>`), appended to `<exp_dir>/validation.csv` and drawn in
 `<exp_dir>/validation.png`. The whole evaluation runs inside a saved-and-restored RNG state and in eval
-mode, so a run with validation has exactly the training weights of a run without it.
+mode, so a run with validation has exactly the training weights of a run without it. With several
+processes each evaluates every n-th batch (the same noise as one process would use) and the sums are added up.
 Optional: `keep_best` writes the best weights to `ckpts/best/`, `early_stop_patience` stops training
 after that many validations without an improvement of more than `min_delta`.
 """
@@ -152,6 +153,7 @@ class ValidationLoop:
         self.should_stop = False
         self._cached_batches: dict[str, list[dict]] = {}
         self._counts: dict[str, int] = {}         # images (x timesteps) behind each set's last loss
+        self.shard: Optional[tuple[int, int]] = None  # (processes, this one); None: the accelerator's
 
     @property
     def enabled(self) -> bool:
@@ -214,21 +216,38 @@ class ValidationLoop:
         return False
 
     # ------------------------------------------------------------------------------------------
+    def _shard(self, trainer) -> tuple[int, int]:
+        if self.shard is not None:
+            return self.shard
+        accelerator = trainer.accelerator
+        return accelerator.num_processes, accelerator.process_index
+
     def _batches(self, vset: ValidationSet, trainer) -> list[dict]:
-        """Latents (the VAE mean, deterministic) and conditioning of a set, encoded once and kept on the CPU."""
+        """Latents (the VAE mean, deterministic) and conditioning of a set, encoded once and kept on the CPU.
+        With several processes each encodes and evaluates every n-th batch; of the others it keeps the
+        latent shape, so that all draw the same noise sequence."""
         if vset.name in self._cached_batches:
             return self._cached_batches[vset.name]
         vae, device = trainer.bundle.vae, trainer.accelerator.device
+        processes, rank = self._shard(trainer)
+        downsampling = 2 ** (len(vae.config.block_out_channels) - 1)
         cached = []
         for index, batch in enumerate(vset.loader()):
             if self.max_batches is not None and index >= int(self.max_batches):
                 break
+            if index % processes != rank:  # another process's batch
+                shape = (tuple(batch["latents"].shape) if "latents" in batch else
+                         (batch["pixel_values"].shape[0], vae.config.latent_channels,
+                          batch["pixel_values"].shape[2] // downsampling, batch["pixel_values"].shape[3] // downsampling))
+                cached.append({"shape": shape})
+                continue
             if "latents" in batch:
                 latents = batch["latents"].float()
             else:
                 pixels = batch["pixel_values"].to(device, dtype=vae.dtype)
                 latents = (vae.encode(pixels).latent_dist.mean * vae.config.scaling_factor).float().cpu()
-            entry = {"latents": latents, "captions": list(batch["captions"]), "size_info": None, "mask": None}
+            entry = {"shape": tuple(latents.shape), "latents": latents, "captions": list(batch["captions"]),
+                     "size_info": None, "mask": None}
             if trainer.bundle.family == "sdxl":
                 entry["size_info"] = sdxl_size_info(batch["original_size"], batch["crop_top_left"],
                                                     batch["target_size"])
@@ -254,6 +273,10 @@ class ValidationLoop:
             for vset in self.sets:
                 loss_sum, count = 0.0, 0
                 for entry in self._batches(vset, trainer):
+                    if "latents" not in entry:  # another process's batch: only keep the noise sequence in step
+                        for _ in self.timesteps:
+                            torch.randn(entry["shape"], generator=generator)
+                        continue
                     latents = entry["latents"].to(device)
                     size_info = entry["size_info"].to(device) if entry["size_info"] is not None else None
                     for t in self.timesteps:
@@ -266,6 +289,10 @@ class ValidationLoop:
                         error = F.mse_loss(prediction.float(), target.float(), reduction="none")
                         loss_sum += float(self._per_sample(error, entry["mask"]).sum())
                         count += latents.shape[0]
+                if accelerator.num_processes > 1:  # every process's share of the set
+                    sums = accelerator.reduce(torch.tensor([loss_sum, float(count)], dtype=torch.float64, device=device),
+                                              reduction="sum")
+                    loss_sum, count = float(sums[0]), int(round(float(sums[1])))
                 results[vset.name] = loss_sum / max(count, 1)
                 self._counts[vset.name] = count
         return results

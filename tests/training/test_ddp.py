@@ -3,6 +3,7 @@ both ranks, the logged loss is the mean of the ranks' own losses, a training sta
 rank's own RNG, and a one-process run that continues that state."""
 from __future__ import annotations
 
+import csv
 import json
 import subprocess
 import sys
@@ -10,7 +11,9 @@ import sys
 import pytest
 import torch
 
+from hcpdiff_like.config.launcher import compose_config
 from hcpdiff_like.training.checkpoints import load_safetensors
+from hcpdiff_like.training.trainer import Trainer
 from hcpdiff_like.training.state_files import read_state
 from subprocess_runs import child_env, only_dir
 
@@ -46,16 +49,22 @@ main()
 """
 
 
+def validation_overrides(images) -> list[str]:  # a held-out set of 5 one-image batches
+    source = f"{{_target_:hcpdiff_like.data.sources.ImageCaptionSource,img_dir:'{images}'}}"
+    return [f"+validation.sources.held_out={source}", "validation.every_n_steps=2", "validation.timesteps=[200,700]",
+            "validation.batch_size=1", "validation.max_batches=5"]
+
+
 def test_two_processes_share_one_dir_and_end_identical(tmp_path, tiny_sd1):
     from hcpdiff_like.data.demo import demo_data_dir
 
-    demo_data_dir()
+    demo = demo_data_dir()
     entry, hashes, root = tmp_path / "entry.py", tmp_path / "hashes", tmp_path / "exps"
     entry.write_text(HASHING_ENTRY)
     hashes.mkdir()
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(entry),
                "cfg=demo", "logger=[console]", "train.train_steps=4", "train.save_step=1000", "train.save_state=true",
-               f"model.pretrained_model_name_or_path={tiny_sd1}", f"exp_root={root}"]
+               f"model.pretrained_model_name_or_path={tiny_sd1}", f"exp_root={root}", *validation_overrides(demo)]
     result = subprocess.run(command, env=child_env(HASH_DIR=str(hashes)), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
 
@@ -68,6 +77,14 @@ def test_two_processes_share_one_dir_and_end_identical(tmp_path, tiny_sd1):
     mean_of_ranks = (losses[0]["local"][-1] + losses[1]["local"][-1]) / 2
     assert losses[0]["final_loss"] == pytest.approx(mean_of_ranks, rel=1e-6)
     assert losses[1]["final_loss"] == losses[0]["final_loss"]
+
+    # validation is split between the ranks and summed: before training it equals one process's figure
+    single = Trainer(compose_config(["cfg=demo", "logger=[console]", f"model.pretrained_model_name_or_path={tiny_sd1}",
+                                     *validation_overrides(demo)]), exp_dir=str(tmp_path / "single")).setup()
+    expected = single.validator.evaluate(single)["held_out"]
+    single.cleanup()
+    rows = list(csv.DictReader((exp_dir / "validation.csv").open()))
+    assert rows[0]["step"] == "0" and float(rows[0]["val_loss"]) == pytest.approx(expected, rel=1e-6)
 
     log = (exp_dir / "train.log").read_text()
     assert "processes: 2, total batch per optimizer step: 4" in log

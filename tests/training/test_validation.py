@@ -150,3 +150,22 @@ def test_bad_validation_source_fails_before_the_model_loads(tmp_path, folders, m
         make_trainer(tmp_path / "exp", folders[0], "validation.every_n_steps=5", held_out(empty))
     with pytest.raises(ValidationConfigError, match="validation.early_stop_patience"):
         ValidationLoop(compose_config(["validation.early_stop_patience=0"]).validation, None, [], tmp_path)
+
+
+def test_processes_share_the_batches_and_add_up_to_the_single_process_loss(tmp_path, folders):
+    """Two processes each evaluate every other batch with the noise one process would draw for it; their
+    sums give the one-process loss (the DDP test checks the all-reduce end to end)."""
+    train_dir, val_dir = folders
+    trainer = make_trainer(tmp_path / "exp", train_dir, "train.train_steps=1", "validation.every_n_steps=1",
+                           "validation.timesteps=[200,700]", "validation.batch_size=1", held_out(val_dir))
+    validator = trainer.validator
+    whole = validator.evaluate(trainer)["held_out"]
+    shares = []
+    for rank in (0, 1):
+        validator.shard, validator._cached_batches = (2, rank), {}
+        shares.append((validator.evaluate(trainer)["held_out"], validator._counts["held_out"]))
+    assert [count for _, count in shares] == [2 * 2, 1 * 2]  # 3 one-image batches x 2 timesteps
+    assert shares[0][0] != shares[1][0]
+    combined = sum(loss * count for loss, count in shares) / sum(count for _, count in shares)
+    assert combined == pytest.approx(whole, rel=1e-6)
+    trainer.cleanup()
