@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ..config.resolvers import cpu_processes
 from ..config.validation import ConfigError
@@ -28,6 +28,7 @@ from ..plugins.embeddings import attach_embeddings, load_embedding_dir, trained_
 from ..plugins.lora import lora_metadata, lora_state_dict
 from .checkpoints import BASE_PREFIX, prune_checkpoints, save_safetensors
 from .ema import EMA
+from .epochs import steps_from_epochs
 from .experiment import ExperimentDir
 from .loggers import LoggerGroup, LossMeter, plot_loss_curve
 from .model_wrapper import DiffusionWrapper
@@ -67,6 +68,12 @@ class Trainer:
         # Data first: a bad dataset stops the run before any model loads.
         self.datasets = build_datasets(cfg.data, seed=cfg.seed, num_processes=self.accelerator.num_processes,
                                        process_index=self.accelerator.process_index, workers=train.workers)
+        in_epochs = steps_from_epochs(train, len(self.datasets[0].loader))  # train.train_epochs & co.
+        if in_epochs is not None:
+            with open_dict(cfg):
+                train.train_steps, train.save_step = in_epochs["train_steps"], in_epochs["save_step"]
+            self.loggers.info(f"{in_epochs['steps_per_epoch']} optimizer steps per epoch of {self.datasets[0].name}: "
+                              f"train_steps {train.train_steps}, save_step {train.save_step}")
         self.validator = ValidationLoop(cfg.get("validation"), cfg.data, self.datasets, self.exp.path,
                                         is_main=self.exp.is_main, train_steps=train.train_steps)
         self.loggers.info(self.validator.describe())
