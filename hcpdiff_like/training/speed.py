@@ -45,5 +45,12 @@ def apply_speed_options(unet: torch.nn.Module, model_cfg) -> list[str]:
     return applied
 
 
+def apply_tf32(enabled: bool) -> None:
+    """`allow_tf32` (HCP-Diffusion's top-level key): TF32 tensor cores for fp32 matmuls and convolutions on
+    Ampere and newer GPUs (about 10 bits of mantissa instead of 23); no effect on the CPU."""
+    torch.backends.cuda.matmul.allow_tf32 = bool(enabled)
+    torch.backends.cudnn.allow_tf32 = bool(enabled)
+
+
 def weight_dtype(mixed_precision: str) -> torch.dtype:
     return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)

@@ -35,7 +35,7 @@ from .model_wrapper import DiffusionWrapper
 from .objective import DiffusionObjective
 from .resume import open_streams, restore_training_state, save_training_state
 from .signals import NonFiniteGuard, StopOnSignal
-from .speed import apply_speed_options, check_speed_options, weight_dtype
+from .speed import apply_speed_options, apply_tf32, check_speed_options, weight_dtype
 from .text_cache import TextEmbeddingCache
 from .validation import ValidationLoop
 
@@ -82,6 +82,7 @@ class Trainer:
 
         model = cfg.model
         check_speed_options(model, cfg.mixed_precision)
+        apply_tf32(cfg.get("allow_tf32", False))
         self.bundle = load_model_bundle(model.pretrained_model_name_or_path, family=model.get("family"),
                                         revision=model.get("revision"),
                                         single_file_config=model.get("single_file_config"))

@@ -1,4 +1,4 @@
-"""model.* speed/memory switches: attention processor, channels_last, compile, full_bf16."""
+"""Speed/memory switches: model.attention, channels_last, compile, full_bf16, and allow_tf32."""
 from __future__ import annotations
 
 import pytest
@@ -73,3 +73,18 @@ def test_full_bf16_trains_bf16_weights(tmp_path, demo_images, tiny_sd1, fresh_ac
     assert loss == loss
     assert any(not torch.equal(b, p) for b, p in zip(before, trained))
     trainer.cleanup()
+
+
+def test_allow_tf32_sets_the_torch_switches_and_false_clears_them(tmp_path, demo_images):
+    from hcpdiff_like.training.trainer import Trainer
+
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        for value in (True, False):
+            cfg = compose_config(["cfg=demo", f"data.dataset1.sources.shapes.img_dir={demo_images}",
+                                  "logger=[console]", f"allow_tf32={str(value).lower()}"])
+            trainer = Trainer(cfg, exp_dir=str(tmp_path / f"exp-{value}")).setup()
+            assert torch.backends.cuda.matmul.allow_tf32 is value and torch.backends.cudnn.allow_tf32 is value
+            trainer.cleanup()
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
