@@ -4,14 +4,16 @@ One training example, as the trainer computes it (config section `objective:`):
 
     eps  = sample_noise(x_0)                    # N(0, I) [+ pyramid noise] [+ noise offset]
     t    = sample_timesteps(B)                  # uniform or logit-normal in [min_timestep, max_timestep)
-    x_t  = sqrt(a_t) * x_0 + sqrt(1 - a_t) * eps
-    loss = snr_weight(t) * mean(mask * criterion(model(x_t, t), target(x_0, eps, t)))
+    x_t  = sqrt(a_t) * x_0 + sqrt(1 - a_t) * (eps [+ ip_noise_gamma * N(0, I)])
+    loss = weight(t) * mean(mask * criterion(model(x_t, t), target(x_0, eps, t)))
+    weight(t) = [min-SNR-gamma] * [debiased estimation] * [v-pred scaled like noise-pred]
 
 Each option is a plain function below, so it can be read and tested on its own.
 """
 from __future__ import annotations
 
 import inspect
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -20,6 +22,7 @@ import torch.nn.functional as F
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 LOSS_TYPES = ("mse", "l1", "huber", "smooth_l1")
+HUBER_SCHEDULES = ("constant", "exponential", "snr")
 TIMESTEP_SAMPLING = ("uniform", "logit_normal")
 
 
@@ -54,6 +57,28 @@ def min_snr_weight(snr: torch.Tensor, gamma: float, prediction_type: str) -> tor
     if prediction_type == "v_prediction":
         return clipped / (snr + 1.0)
     return clipped
+
+
+def debiased_estimation_weight(snr: torch.Tensor, prediction_type: str) -> torch.Tensor:
+    """Debiased estimation (Yu et al. 2024; kohya's `--debiased_estimation_loss`), SNR clipped at 1000:
+    1 / sqrt(SNR) for an epsilon loss, 1 / (SNR + 1) for a v loss."""
+    clipped = torch.clamp(snr, max=1000.0)
+    if prediction_type == "v_prediction":
+        return 1.0 / (clipped + 1.0)
+    return 1.0 / torch.sqrt(clipped.clamp(min=1e-20))
+
+
+def huber_threshold(schedule: str, huber_c: float, timesteps: torch.Tensor, scheduler, scale: float = 1.0):
+    """Per-sample Huber c (kohya's `--huber_schedule`): constant c * scale; exponential exp(-a t) * scale with
+    a = -ln(c) / T (c at t = T, 1 at t = 0); snr (1 - c) / (1 + sigma_t)^2 + c, sigma_t = sqrt((1 - a_t) / a_t)."""
+    if schedule == "constant":
+        return torch.full(timesteps.shape, huber_c * scale, device=timesteps.device)
+    if schedule == "exponential":
+        rate = -math.log(huber_c) / scheduler.config.num_train_timesteps
+        return torch.exp(-rate * timesteps.float()) * scale
+    alpha_bar = scheduler.alphas_cumprod.to(timesteps.device)[timesteps].float()
+    sigma = ((1.0 - alpha_bar) / alpha_bar) ** 0.5
+    return (1.0 - huber_c) / (1.0 + sigma) ** 2 + huber_c
 
 
 # -- noise ------------------------------------------------------------------------------------------
@@ -104,9 +129,14 @@ def sample_timesteps(batch_size: int, low: int, high: int, sampling: str = "unif
 
 # -- loss -------------------------------------------------------------------------------------------
 def elementwise_loss(prediction: torch.Tensor, target: torch.Tensor, loss_type: str = "mse",
-                     huber_c: float = 0.1) -> torch.Tensor:
+                     huber_c: float | torch.Tensor = 0.1) -> torch.Tensor:
     """mse: d^2; l1: |d|; huber (pseudo-Huber, kohya's): 2c * (sqrt(d^2 + c^2) - c); smooth_l1: torch's
-    Huber with beta = huber_c. d = prediction - target."""
+    Huber with beta = huber_c. d = prediction - target. A tensor c is per sample ([B])."""
+    if isinstance(huber_c, torch.Tensor) and loss_type in ("huber", "smooth_l1"):
+        huber_c = huber_c.reshape(-1, *[1] * (prediction.ndim - 1)).to(prediction.device, prediction.dtype)
+        if loss_type == "smooth_l1":  # torch's beta is a scalar: the same piecewise formula by hand
+            difference = (prediction - target).abs()
+            return torch.where(difference < huber_c, 0.5 * difference ** 2 / huber_c, difference - 0.5 * huber_c)
     if loss_type == "mse":
         return F.mse_loss(prediction, target, reduction="none")
     if loss_type == "l1":
@@ -146,6 +176,13 @@ class DiffusionObjective:
     logit_std: float = 1.0
     min_timestep: int = 0
     max_timestep: Optional[int] = None  # exclusive; None = num_train_timesteps
+    noise_offset_random_strength: bool = False  # offset x U(0, 1) per step (kohya)
+    ip_noise_gamma: Optional[float] = None  # input perturbation (Ning et al. 2023): x_t from eps + gamma * N(0, I)
+    ip_noise_gamma_random_strength: bool = False  # gamma x U(0, 1) per step
+    debiased_estimation: bool = False
+    scale_v_pred_loss_like_noise_pred: bool = False
+    huber_schedule: str = "constant"
+    huber_scale: float = 1.0
 
     def __post_init__(self):
         if self.prediction_type is None:
@@ -159,7 +196,7 @@ class DiffusionObjective:
         self.max_timestep = steps if self.max_timestep is None else int(self.max_timestep)
         self.min_timestep = int(self.min_timestep or 0)
         choices = {"prediction_type": PREDICTION_TYPES, "loss_type": LOSS_TYPES,
-                   "timestep_sampling": TIMESTEP_SAMPLING}
+                   "timestep_sampling": TIMESTEP_SAMPLING, "huber_schedule": HUBER_SCHEDULES}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ObjectiveConfigError(f"objective.{key}={getattr(self, key)!r}: expected one of {allowed}")
@@ -170,6 +207,13 @@ class DiffusionObjective:
             raise ObjectiveConfigError(f"objective.min_snr_gamma={self.min_snr_gamma}: must be > 0 (or null)")
         if self.loss_type in ("huber", "smooth_l1") and not self.huber_c > 0:
             raise ObjectiveConfigError(f"objective.huber_c={self.huber_c}: must be > 0")
+        if self.huber_schedule == "exponential" and not 0 < self.huber_c < 1:
+            raise ObjectiveConfigError(f"objective.huber_c={self.huber_c}: the exponential schedule needs 0 < c < 1")
+        if self.ip_noise_gamma is not None and self.ip_noise_gamma < 0:
+            raise ObjectiveConfigError(f"objective.ip_noise_gamma={self.ip_noise_gamma}: must be >= 0 (or null)")
+        if self.scale_v_pred_loss_like_noise_pred and self.prediction_type != "v_prediction":
+            raise ObjectiveConfigError("objective.scale_v_pred_loss_like_noise_pred=true needs prediction_type "
+                                       f"v_prediction (this run predicts {self.prediction_type})")
 
     # -- x_t ------------------------------------------------------------------------------------
     def sample_noise(self, latents: torch.Tensor, generator=None) -> torch.Tensor:
@@ -177,8 +221,22 @@ class DiffusionObjective:
         if self.pyramid_noise_iterations:
             noise = pyramid_noise(noise, self.pyramid_noise_iterations, self.pyramid_noise_discount, generator)
         if self.noise_offset or self.adaptive_noise_scale:
-            noise = noise + offset_noise(latents, self.noise_offset, self.adaptive_noise_scale, generator)
+            offset = self.noise_offset
+            if self.noise_offset_random_strength:
+                offset = offset * torch.rand((), generator=generator).item()
+            noise = noise + offset_noise(latents, offset, self.adaptive_noise_scale, generator)
         return noise
+
+    def training_input(self, latents, noise, timesteps, generator=None) -> torch.Tensor:
+        """x_t for a training step: like `add_noise`, but with the input perturbation (ip_noise_gamma) added
+        to the noise that makes x_t only; the target keeps the unperturbed noise. Validation uses add_noise."""
+        if self.ip_noise_gamma:
+            gamma = self.ip_noise_gamma
+            if self.ip_noise_gamma_random_strength:
+                gamma = gamma * torch.rand((), generator=generator).item()
+            perturbation = torch.randn(noise.shape, generator=generator, device=noise.device, dtype=noise.dtype)
+            noise = noise + gamma * perturbation
+        return self.add_noise(latents, noise, timesteps)
 
     def sample_timesteps(self, batch_size: int, device=None, generator=None) -> torch.Tensor:
         return sample_timesteps(batch_size, self.min_timestep, self.max_timestep, self.timestep_sampling,
@@ -197,15 +255,27 @@ class DiffusionObjective:
         return latents
 
     def timestep_weight(self, timesteps: torch.Tensor) -> torch.Tensor:
-        """Per-sample loss weight: min-SNR-gamma when set, else 1."""
-        if self.min_snr_gamma is None:
-            return torch.ones(timesteps.shape, device=timesteps.device)
+        """Per-sample loss weight: the product of min-SNR-gamma, debiased estimation and the v-pred scaling
+        that are switched on (kohya applies them one after the other); 1 when none is."""
+        weight = torch.ones(timesteps.shape, device=timesteps.device)
+        if self.min_snr_gamma is None and not self.debiased_estimation and not self.scale_v_pred_loss_like_noise_pred:
+            return weight
         snr = signal_to_noise(self.noise_scheduler, timesteps)
-        return min_snr_weight(snr, float(self.min_snr_gamma), self.prediction_type)
+        if self.min_snr_gamma is not None:
+            weight = weight * min_snr_weight(snr, float(self.min_snr_gamma), self.prediction_type)
+        if self.scale_v_pred_loss_like_noise_pred:  # a v loss weighted like an epsilon loss: x SNR / (SNR + 1)
+            weight = weight * snr / (snr + 1.0)
+        if self.debiased_estimation:
+            weight = weight * debiased_estimation_weight(snr, self.prediction_type)
+        return weight
 
     def per_sample_loss(self, prediction, target, timesteps, mask=None) -> torch.Tensor:
         """[B] losses: criterion per element, times the (latent-size) mask, averaged, times the SNR weight."""
-        loss = elementwise_loss(prediction.float(), target.float(), self.loss_type, self.huber_c)
+        huber_c = self.huber_c
+        if self.loss_type in ("huber", "smooth_l1") and (self.huber_schedule != "constant" or self.huber_scale != 1.0):
+            huber_c = huber_threshold(self.huber_schedule, self.huber_c, timesteps, self.noise_scheduler,
+                                      self.huber_scale)
+        loss = elementwise_loss(prediction.float(), target.float(), self.loss_type, huber_c)
         if mask is not None:
             loss = loss * latent_loss_mask(mask.to(loss.device), loss.shape[-2:])
         loss = loss.mean(dim=list(range(1, loss.ndim)))

@@ -229,7 +229,7 @@ class Trainer:
         latents = self.encode_latents(batch)
         noise = objective.sample_noise(latents)
         timesteps = objective.sample_timesteps(latents.shape[0], latents.device)
-        noisy = objective.add_noise(latents, noise, timesteps)
+        noisy = objective.training_input(latents, noise, timesteps)  # + input perturbation (ip_noise_gamma)
         size_info = None
         if self.bundle.family == "sdxl":  # micro-conditioning on each image's original size and crop
             size_info = sdxl_size_info(batch["original_size"], batch["crop_top_left"], batch["target_size"])

@@ -167,7 +167,97 @@ def test_loss_mask_is_downsampled_to_latents(schedulers):
                                           ({"prediction_type": "flow"}, "prediction_type"),
                                           ({"timestep_sampling": "cosine"}, "timestep_sampling"),
                                           ({"min_timestep": 500, "max_timestep": 400}, "min_timestep"),
-                                          ({"min_snr_gamma": 0}, "min_snr_gamma")])
+                                          ({"min_snr_gamma": 0}, "min_snr_gamma"),
+                                          ({"huber_schedule": "cosine"}, "huber_schedule"),
+                                          ({"huber_schedule": "exponential", "huber_c": 1.5}, "huber_c"),
+                                          ({"ip_noise_gamma": -0.1}, "ip_noise_gamma"),
+                                          ({"scale_v_pred_loss_like_noise_pred": True},
+                                           "scale_v_pred_loss_like_noise_pred")])
 def test_bad_objective_values_name_the_key(schedulers, options, key):
     with pytest.raises(ObjectiveConfigError, match=f"objective.{key}"):
         DiffusionObjective(schedulers["sd1"], **options)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_debiased_estimation_and_v_scaling_weights(schedulers, prediction_type):
+    scheduler = schedulers["sd2"]
+    timesteps = torch.tensor([0, 50, 500, 999])
+    alpha_bar = hand_alpha_bar(scheduler.config)[timesteps]
+    snr = alpha_bar / (1 - alpha_bar)
+    clipped = torch.clamp(snr, max=1000.0)
+    debiased = 1 / (clipped + 1) if prediction_type == "v_prediction" else 1 / clipped.sqrt()
+    objective = DiffusionObjective(scheduler, prediction_type=prediction_type, debiased_estimation=True)
+    torch.testing.assert_close(objective.timestep_weight(timesteps).double(), debiased, rtol=1e-4, atol=1e-9)
+    assert snr[0] > 1000  # t = 0 is past the clip, so the clip is exercised
+    if prediction_type == "v_prediction":  # everything on: the weights multiply, as kohya applies them in turn
+        both = DiffusionObjective(scheduler, min_snr_gamma=5.0, debiased_estimation=True,
+                                  scale_v_pred_loss_like_noise_pred=True)
+        min_snr = torch.minimum(snr, torch.tensor(5.0, dtype=torch.float64)) / (snr + 1)
+        torch.testing.assert_close(both.timestep_weight(timesteps).double(), min_snr * snr / (snr + 1) * debiased,
+                                   rtol=1e-4, atol=1e-9)
+
+
+def test_huber_schedules_give_each_timestep_its_own_c(schedulers):
+    scheduler = schedulers["sd1"]
+    timesteps = torch.tensor([0, 500, 999])
+    prediction, target = sample_batch(2, (3, 4, 8, 8))
+    steps = scheduler.config.num_train_timesteps
+    alpha_bar = hand_alpha_bar(scheduler.config)[timesteps]
+    expected_c = {"constant": torch.full((3,), 0.1 * 2.0, dtype=torch.float64),
+                  "exponential": torch.exp(math.log(0.1) / steps * timesteps.double()) * 2.0,  # 1 at t=0, c at t=T
+                  "snr": (1 - 0.1) / (1 + ((1 - alpha_bar) / alpha_bar).sqrt()) ** 2 + 0.1}
+    for schedule, c in expected_c.items():
+        objective = DiffusionObjective(scheduler, prediction_type="epsilon", loss_type="huber", huber_c=0.1,
+                                       huber_schedule=schedule, huber_scale=2.0)
+        d = (prediction - target).double()
+        c4 = c.view(-1, 1, 1, 1)
+        expected = (2 * c4 * (torch.sqrt(d ** 2 + c4 ** 2) - c4)).mean(dim=(1, 2, 3))
+        torch.testing.assert_close(objective.per_sample_loss(prediction, target, timesteps).double(), expected,
+                                   rtol=1e-5, atol=1e-7)
+    # smooth_l1 with a per-sample beta: 0.5 d^2 / beta below beta, |d| - beta / 2 above
+    objective = DiffusionObjective(scheduler, prediction_type="epsilon", loss_type="smooth_l1", huber_c=0.1,
+                                   huber_schedule="exponential")
+    d = (prediction - target).abs().double()
+    beta = expected_c["exponential"].view(-1, 1, 1, 1) / 2.0
+    expected = torch.where(d < beta, 0.5 * d ** 2 / beta, d - 0.5 * beta).mean(dim=(1, 2, 3))
+    torch.testing.assert_close(objective.per_sample_loss(prediction, target, timesteps).double(), expected,
+                               rtol=1e-5, atol=1e-7)
+
+
+def test_input_perturbation_noises_x_t_but_not_the_target(schedulers):
+    scheduler = schedulers["sd1"]
+    x0, noise = sample_batch(3)
+    timesteps = torch.tensor([100, 500, 900])
+    plain = DiffusionObjective(scheduler, prediction_type="epsilon")
+    assert torch.equal(plain.training_input(x0, noise, timesteps), plain.add_noise(x0, noise, timesteps))
+    perturbed = DiffusionObjective(scheduler, prediction_type="epsilon", ip_noise_gamma=0.1)
+    generator = torch.Generator().manual_seed(7)
+    x_t = perturbed.training_input(x0, noise, timesteps, generator=generator)
+    extra = torch.randn(noise.shape, generator=torch.Generator().manual_seed(7))
+    alpha_bar = hand_alpha_bar(scheduler.config)[timesteps].float().view(-1, 1, 1, 1)
+    torch.testing.assert_close(x_t, alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * (noise + 0.1 * extra))
+    assert torch.equal(perturbed.target(x0, noise, timesteps), noise)  # the model still predicts eps
+    # random strength: gamma x U(0, 1), drawn before the perturbation
+    random = DiffusionObjective(scheduler, prediction_type="epsilon", ip_noise_gamma=0.1,
+                                ip_noise_gamma_random_strength=True)
+    generator = torch.Generator().manual_seed(7)
+    x_t = random.training_input(x0, noise, timesteps, generator=generator)
+    replay = torch.Generator().manual_seed(7)
+    strength = torch.rand((), generator=replay).item()
+    extra = torch.randn(noise.shape, generator=replay)
+    torch.testing.assert_close(x_t, alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * (noise + 0.1 * strength * extra))
+
+
+def test_noise_offset_random_strength_scales_the_offset(schedulers):
+    scheduler = schedulers["sd1"]
+    latents = torch.zeros(2, 4, 8, 8)
+    fixed = DiffusionObjective(scheduler, noise_offset=0.5)
+    scaled = DiffusionObjective(scheduler, noise_offset=0.5, noise_offset_random_strength=True)
+    base = fixed.sample_noise(latents, generator=torch.Generator().manual_seed(1))
+    varied = scaled.sample_noise(latents, generator=torch.Generator().manual_seed(1))
+    replay = torch.Generator().manual_seed(1)
+    gaussian = torch.randn(latents.shape, generator=replay)
+    strength = torch.rand((), generator=replay).item()
+    shift = torch.randn((2, 4, 1, 1), generator=replay)
+    torch.testing.assert_close(varied, gaussian + 0.5 * strength * shift)
+    assert not torch.allclose(base, varied)

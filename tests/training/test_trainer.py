@@ -85,3 +85,27 @@ def test_empty_dataset_stops_before_model_loads(tmp_path, monkeypatch):
     cfg = compose_config(["cfg=demo", f"data.dataset1.sources.shapes.img_dir={empty}", "logger=[console]"])
     with pytest.raises(ValueError, match=str(empty)):
         Trainer(cfg, exp_dir=str(tmp_path / "exp")).setup()
+
+
+def test_kohya_objective_options_reach_the_training_step(tmp_path, demo_images, monkeypatch):
+    """The kohya-style objective keys validate, build, and the step makes x_t with the perturbed noise."""
+    from hcpdiff_like.config.validation import validate_config
+    from hcpdiff_like.training.objective import DiffusionObjective
+
+    calls = []
+    original = DiffusionObjective.training_input
+
+    def spy(self, latents, noise, timesteps, generator=None):
+        calls.append(self.ip_noise_gamma)
+        return original(self, latents, noise, timesteps, generator)
+
+    monkeypatch.setattr(DiffusionObjective, "training_input", spy)
+    overrides = ["objective.ip_noise_gamma=0.1", "objective.ip_noise_gamma_random_strength=true",
+                 "objective.debiased_estimation=true", "objective.loss_type=huber", "objective.huber_schedule=snr",
+                 "objective.noise_offset=0.05", "objective.noise_offset_random_strength=true", "train.train_steps=2"]
+    validate_config(compose_config(["cfg=demo", *overrides]))
+    trainer = make_trainer(tmp_path, demo_images, *overrides)
+    assert trainer.objective.debiased_estimation and trainer.objective.huber_schedule == "snr"
+    summary = trainer.train()
+    trainer.cleanup()
+    assert calls == [0.1, 0.1] and summary["steps"] == 2 and summary["skipped_steps"] == 0
