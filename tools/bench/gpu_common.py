@@ -234,10 +234,19 @@ def main(spec: ModelSpec, argv, doc: str, script: str) -> dict:
               f"levers {overrides + [f'fused_adamw={args.fused_adamw}']}, peak {peak} TFLOP/s")
         for batch_size in batch_sizes:
             results = []
-            if args.impl in ("both", "framework"):
-                results.append(bench.framework(batch_size, overrides))
-            if args.impl in ("both", "reference"):
-                results.append(bench.reference(batch_size, fields))
+            for impl, run in (("framework", lambda: bench.framework(batch_size, overrides)),
+                              ("reference", lambda: bench.reference(batch_size, fields))):
+                if args.impl not in ("both", impl):
+                    continue
+                try:
+                    results.append(run())
+                except Exception as error:  # out of GPU memory at this batch size: report it, go on
+                    if "out of memory" not in str(error).lower():
+                        raise
+                    common.release_gpu_memory(args.device)
+                    print(f"{impl:<10} batch {batch_size:>2}: out of GPU memory ({type(error).__name__}); "
+                          "try --gradient-checkpointing")
+                    report["rows"].append({"impl": impl, "batch_size": batch_size, "error": "out of memory"})
             for result in results:
                 report["rows"].append(figures(result, batch_size, peak))
                 print_row(report["rows"][-1])
