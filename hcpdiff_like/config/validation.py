@@ -11,8 +11,8 @@ import difflib
 from omegaconf import DictConfig, OmegaConf
 
 KNOWN_KEYS: dict[str, set[str]] = {
-    "train": {"train_steps", "train_epochs", "save_step", "save_every_n_epochs", "lr", "text_encoder_lr", "emb_lr", "gradient_accumulation_steps",
-              "max_grad_norm", "scale_lr", "workers", "save_state", "resume", "keep_last_n", "on_nonfinite",
+    "train": {"train_steps", "train_epochs", "save_step", "save_every_n_epochs", "lr", "text_encoder_lr", "emb_lr",
+              "gradient_accumulation_steps", "max_grad_norm", "scale_lr", "workers", "save_state", "resume", "keep_last_n", "on_nonfinite",
               "ema"},
     "model": {"pretrained_model_name_or_path", "family", "revision", "clip_skip", "clip_final_norm",
               "tokenizer_repeats", "gradient_checkpointing", "vae_dtype", "single_file_config", "attention",

@@ -116,12 +116,12 @@ def from_kohya_layer(kind: str, tensors: dict, alpha: Optional[float], where: st
     if rank is None:  # two full factors: consumers use scale 1; a rank above half of every factor side keeps
         rank = max(max(t.shape[:2]) for t in (tensors["lokr_w1"], tensors["lokr_w2"]))  # PEFT from decomposing
         return int(rank), float(rank), options
-    for full, parts in (("lokr_w2", ("lokr_w2_a", "lokr_w2_b")), ("lokr_w1", ("lokr_w1_a", "lokr_w1_b"))):
+    # PEFT decomposes a factor exactly when rank < max(its sides) / 2 (w1 only with decompose_both)
+    checked = ([] if "lokr_t2" in tensors else ["lokr_w2"]) + (["lokr_w1"] if "lokr_w1_a" in tensors else [])
+    for full in checked:
         sides = (tuple(tensors[full].shape[:2]) if full in tensors else
-                 (int(tensors[parts[0]].shape[0]), int(tensors[parts[1]].shape[1])))
-        if full == "lokr_w1" and "lokr_w1" in tensors:
-            continue  # a full w1 is PEFT's default (decompose_both off)
-        if (full in tensors) != (rank >= max(sides) / 2) and "lokr_t2" not in tensors:
+                 (int(tensors[f"{full}_a"].shape[0]), int(tensors[f"{full}_b"].shape[1])))
+        if (full in tensors) != (rank >= max(sides) / 2):
             raise LycorisLayerError(f"{where}: LoKr {full} {'full' if full in tensors else 'decomposed'} at rank "
                                     f"{rank} for sides {sides}: PEFT decides that by rank < max(sides) / 2, so "
                                     "the layer cannot be rebuilt")

@@ -69,10 +69,11 @@ def debiased_estimation_weight(snr: torch.Tensor, prediction_type: str) -> torch
 
 
 def huber_threshold(schedule: str, huber_c: float, timesteps: torch.Tensor, scheduler, scale: float = 1.0):
-    """Per-sample Huber c (kohya's `--huber_schedule`): constant c * scale; exponential exp(-a t) * scale with
-    a = -ln(c) / T (c at t = T, 1 at t = 0); snr (1 - c) / (1 + sigma_t)^2 + c, sigma_t = sqrt((1 - a_t) / a_t)."""
+    """Huber c (kohya's `--huber_schedule`): constant c * scale (one number); per sample, exponential
+    exp(-a t) * scale with a = -ln(c) / T (c at t = T, 1 at t = 0), or snr (1 - c) / (1 + sigma_t)^2 + c with
+    sigma_t = sqrt((1 - a_t) / a_t)."""
     if schedule == "constant":
-        return torch.full(timesteps.shape, huber_c * scale, device=timesteps.device)
+        return huber_c * scale
     if schedule == "exponential":
         rate = -math.log(huber_c) / scheduler.config.num_train_timesteps
         return torch.exp(-rate * timesteps.float()) * scale
@@ -258,7 +259,7 @@ class DiffusionObjective:
         """Per-sample loss weight: the product of min-SNR-gamma, debiased estimation and the v-pred scaling
         that are switched on (kohya applies them one after the other); 1 when none is."""
         weight = torch.ones(timesteps.shape, device=timesteps.device)
-        if self.min_snr_gamma is None and not self.debiased_estimation and not self.scale_v_pred_loss_like_noise_pred:
+        if not (self.min_snr_gamma is not None or self.debiased_estimation or self.scale_v_pred_loss_like_noise_pred):
             return weight
         snr = signal_to_noise(self.noise_scheduler, timesteps)
         if self.min_snr_gamma is not None:
@@ -272,7 +273,7 @@ class DiffusionObjective:
     def per_sample_loss(self, prediction, target, timesteps, mask=None) -> torch.Tensor:
         """[B] losses: criterion per element, times the (latent-size) mask, averaged, times the SNR weight."""
         huber_c = self.huber_c
-        if self.loss_type in ("huber", "smooth_l1") and (self.huber_schedule != "constant" or self.huber_scale != 1.0):
+        if self.loss_type in ("huber", "smooth_l1"):  # a number, or one c per sample (huber_schedule)
             huber_c = huber_threshold(self.huber_schedule, self.huber_c, timesteps, self.noise_scheduler,
                                       self.huber_scale)
         loss = elementwise_loss(prediction.float(), target.float(), self.loss_type, huber_c)

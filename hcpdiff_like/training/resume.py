@@ -185,8 +185,9 @@ def restore_training_state(trainer, resume: str | Path) -> Optional[dict]:
             if handle.batch_in_epoch >= len(handle.loader):  # the epoch was complete: start the next one
                 handle.load_state_dict({**position, "epoch": handle.epoch + 1, "batch_in_epoch": 0})
         rng = mine["rng"]
-    else:
-        rng = _continue_elsewhere(trainer, state, folder)
+    else:  # no per-process RNG state to hand back: _continue_elsewhere seeds each process anew
+        _continue_elsewhere(trainer, state, folder)
+        rng = None
     if hasattr(accelerator, "step"):
         accelerator.step = int(state["accelerator_step"])
     if hasattr(trainer, "loggers"):
@@ -212,7 +213,6 @@ def _continue_elsewhere(trainer, state: dict, folder: Path) -> None:
         trainer.loggers.info(f"warning: {folder} was saved by {state['num_processes']} processes, this run has "
                              f"{accelerator.num_processes}: weights, optimizer and lr schedule continue exactly, the "
                              "data restarts at the next epoch and the RNG is seeded anew (not bit-identical)")
-    return None
 
 
 def _to_device(value: Any, device) -> Any:

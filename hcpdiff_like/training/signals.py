@@ -1,6 +1,7 @@
 """Stopping well: SIGINT/SIGTERM finish the current step and save; non-finite losses stop or skip.
 
-Both decisions are agreed by every process (a tiny all-reduce), so DDP ranks never part ways.
+Every process takes both decisions alike, so DDP ranks never part ways: the stop signal through a tiny
+all-reduce, the non-finite check on the loss mean that the trainer already shares between the processes.
 """
 from __future__ import annotations
 
@@ -80,11 +81,11 @@ class NonFiniteGuard:
         self.pending = False
         self.skipped: list[int] = []
 
-    def skip_update(self, loss: float, step: int, accelerator=None, agreed: bool = False) -> bool:
+    def skip_update(self, loss: float, step: int, accelerator=None) -> bool:
         """Call after backward, before the optimizer step; True: zero the gradients and skip the update.
-        `agreed`: the loss is already the same on every process (reduced), so no collective is needed."""
-        finite = math.isfinite(loss)
-        bad = (not finite) if agreed else _any_process(accelerator, not finite)
+        `loss` must be the same on every process (the trainer passes the mean over all of them, in which a
+        NaN anywhere is a NaN), so every process decides alike without a collective of its own."""
+        bad = not math.isfinite(loss)
         if bad and self.mode == "stop":
             raise NonFiniteLossError(f"non-finite loss ({loss}) at step {step}: training stopped before the "
                                      f"update; the last good checkpoint is in {self.ckpt_dir}. Lower the lr, "

@@ -206,8 +206,7 @@ class Trainer:
                     self.accelerator.backward(loss)
                     micro_loss = micro_loss + loss.detach().float()
                 total += self.mean_over_processes(micro_loss)
-                # the mean is the same on every rank (a NaN anywhere makes it NaN), so the ranks agree on it
-                if self.nonfinite.skip_update(total, self.global_step + 1, self.accelerator, agreed=True):
+                if self.nonfinite.skip_update(total, self.global_step + 1, self.accelerator):  # on_nonfinite=skip
                     for optimizer in self.optimizers:
                         optimizer.zero_grad(set_to_none=True)
                     for lr_scheduler in self.lr_schedulers:

@@ -236,9 +236,10 @@ class ValidationLoop:
             if self.max_batches is not None and index >= int(self.max_batches):
                 break
             if index % processes != rank:  # another process's batch
+                pixels = batch.get("pixel_values")
                 shape = (tuple(batch["latents"].shape) if "latents" in batch else
-                         (batch["pixel_values"].shape[0], vae.config.latent_channels,
-                          batch["pixel_values"].shape[2] // downsampling, batch["pixel_values"].shape[3] // downsampling))
+                         (pixels.shape[0], vae.config.latent_channels, pixels.shape[2] // downsampling,
+                          pixels.shape[3] // downsampling))
                 cached.append({"shape": shape})
                 continue
             if "latents" in batch:
@@ -290,8 +291,8 @@ class ValidationLoop:
                         loss_sum += float(self._per_sample(error, entry["mask"]).sum())
                         count += latents.shape[0]
                 if accelerator.num_processes > 1:  # every process's share of the set
-                    sums = accelerator.reduce(torch.tensor([loss_sum, float(count)], dtype=torch.float64, device=device),
-                                              reduction="sum")
+                    sums = torch.tensor([loss_sum, float(count)], dtype=torch.float64, device=device)
+                    sums = accelerator.reduce(sums, reduction="sum")
                     loss_sum, count = float(sums[0]), int(round(float(sums[1])))
                 results[vset.name] = loss_sum / max(count, 1)
                 self._counts[vset.name] = count
